@@ -1,0 +1,119 @@
+"""Reply clean-up shared by every generator: cut at chat-role markers, trim looping sentences."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+# Sentence ends in English and Chinese; the lookbehind keeps the punctuation with its sentence.
+_SENTENCE_END = re.compile(r"(?<=[.!?。！？…~])\s*|\n+")
+_WORDS = re.compile(r"\w+", re.UNICODE)
+
+# Markers a user might type that some chat templates or servers would read as control tokens.
+_MARKER_LIKE = re.compile(r"<\|[^<>|\s]{1,40}\|>|\[[gs]?MASK\]|</?s>")
+
+
+@dataclass(frozen=True, slots=True)
+class CleanedReply:
+    text: str
+    cut_at_marker: bool
+    repetition_trimmed: bool
+
+
+def cut_at_markers(text: str, markers: Iterable[str]) -> tuple[str, bool]:
+    """Return the text before the first chat-role marker, and whether one was found."""
+    cut = len(text)
+    for marker in markers:
+        if not marker:
+            continue
+        position = text.find(marker)
+        if position != -1:
+            cut = min(cut, position)
+    return text[:cut], cut < len(text)
+
+
+def _sentence_key(sentence: str) -> str:
+    words = _WORDS.findall(sentence.casefold())
+    return " ".join(words) if words else sentence.strip()
+
+
+def trim_repetition(text: str, *, min_key_chars: int = 4) -> tuple[str, bool]:
+    """Cut the reply where a sentence it already said comes back.
+
+    A model stuck in a loop says the same sentence again and again; keeping the
+    text before the first repeat keeps one copy. Very short sentences ("Yes.",
+    "OK.") may honestly repeat and are ignored.
+    """
+    seen: set[str] = set()
+    position = 0
+    for match in _SENTENCE_END.finditer(text):
+        end = match.end()
+        sentence = text[position:match.start()]
+        key = _sentence_key(sentence)
+        if len(key) >= min_key_chars:
+            if key in seen:
+                return text[:position].rstrip(), True
+            seen.add(key)
+        position = end
+        if position >= len(text):
+            break
+
+    tail_key = _sentence_key(text[position:])
+    if len(tail_key) >= min_key_chars and tail_key in seen:
+        return text[:position].rstrip(), True
+    return text, False
+
+
+def clean_reply(text: str, markers: Sequence[str]) -> CleanedReply:
+    """Apply every clean-up step to a finished reply."""
+    text, cut = cut_at_markers(text, markers)
+    text, trimmed = trim_repetition(text)
+    return CleanedReply(text=text.strip(), cut_at_marker=cut, repetition_trimmed=trimmed)
+
+
+def defuse_markers(text: str) -> str:
+    """Break marker-like strings a user typed so a server's template cannot read them as tokens.
+
+    A zero-width space goes after the first character; the text reads the same.
+    Only the ``openai`` generator needs this: the local generator encodes user
+    text with special tokens switched off instead.
+    """
+    return _MARKER_LIKE.sub(lambda match: match.group(0)[0] + "\u200b" + match.group(0)[1:], text)
+
+
+class StreamGuard:
+    """Pass streamed reply text on, holding back any tail that could start a marker.
+
+    ``feed`` returns the text that is safe to show now; once a marker appears,
+    everything from it on is dropped and ``stopped`` turns true.
+    """
+
+    def __init__(self, markers: Sequence[str]) -> None:
+        self._markers = [marker for marker in markers if marker]
+        self._longest = max((len(marker) for marker in self._markers), default=0)
+        self._buffer = ""
+        self.stopped = False
+
+    def feed(self, delta: str) -> str:
+        if self.stopped:
+            return ""
+        self._buffer += delta
+        text, cut = cut_at_markers(self._buffer, self._markers)
+        if cut:
+            self.stopped = True
+            self._buffer = ""
+            return text
+
+        # Keep back the longest tail that is a prefix of some marker.
+        hold = 0
+        for size in range(1, min(self._longest, len(text)) + 1):
+            tail = text[-size:]
+            if any(marker.startswith(tail) for marker in self._markers):
+                hold = size
+        ready, self._buffer = text[: len(text) - hold], text[len(text) - hold :]
+        return ready
+
+    def flush(self) -> str:
+        rest, self._buffer = self._buffer, ""
+        return "" if self.stopped else rest

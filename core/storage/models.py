@@ -1,0 +1,141 @@
+"""Database tables for users, conversations and turns (SQLAlchemy 2 declarative models)."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Named constraints so that migrations can drop and alter them by name on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_N_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY, so BIGINT ids become INTEGER there.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Role(enum.StrEnum):
+    USER = "user"
+    ASSISTANT = "assistant"
+    SYSTEM = "system"
+    MODERATOR = "moderator"
+
+
+class User(Base):
+    """One person on one platform."""
+
+    __tablename__ = "users"
+    __table_args__ = (UniqueConstraint("platform", "platform_user_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    platform: Mapped[str] = mapped_column(String(16))
+    platform_user_id: Mapped[str] = mapped_column(String(64))
+    # None until the user or their platform tells us; replies then use the default locale.
+    locale: Mapped[str | None] = mapped_column(String(16))
+    # Consent to use this user's conversations for training and quality scoring; off by default.
+    training_consent: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=text("false")
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+    conversations: Mapped[list[Conversation]] = relationship(back_populates="user")
+
+
+class Conversation(Base):
+    """The turns between one user and the bot in one chat; /reset closes it and opens a new one."""
+
+    __tablename__ = "conversations"
+    __table_args__ = (
+        # At most one open conversation per user and chat.
+        Index(
+            "uq_conversations_open",
+            "user_id",
+            "platform_chat_id",
+            unique=True,
+            sqlite_where=text("closed_at IS NULL"),
+            postgresql_where=text("closed_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    platform_chat_id: Mapped[str] = mapped_column(String(64))
+    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    user: Mapped[User] = relationship(back_populates="conversations")
+
+
+class Turn(Base):
+    """One message with a role, stored in the order it was received or sent."""
+
+    __tablename__ = "turns"
+    __table_args__ = (
+        # History reads fetch the newest window of one conversation through this index.
+        Index("ix_turns_conversation_time", "conversation_id", "created_at", "id"),
+        # The same platform message (and edit revision) is stored once per user and chat.
+        UniqueConstraint(
+            "user_id",
+            "platform_chat_id",
+            "platform_message_id",
+            "revision",
+            name="uq_turns_platform_message",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE")
+    )
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    role: Mapped[Role] = mapped_column(
+        Enum(
+            Role,
+            name="turn_role",
+            native_enum=False,
+            create_constraint=True,
+            length=16,
+            values_callable=lambda roles: [role.value for role in roles],
+        )
+    )
+    content: Mapped[str] = mapped_column(Text)
+    platform_chat_id: Mapped[str | None] = mapped_column(String(64))
+    platform_message_id: Mapped[str | None] = mapped_column(String(64))
+    # 0 for the message as first sent; each platform edit stores a new revision.
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Generation facts for assistant turns: model, finish reason, latency, trimming.
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
