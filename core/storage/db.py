@@ -24,6 +24,17 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
+def resolve_database_url(url: str) -> str:
+    """Anchor a relative SQLite file path at the project root, as every configured path is."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return url
+    if database.startswith("file:") or Path(database).expanduser().is_absolute():
+        return url
+    return parsed.set(database=str(PROJECT_ROOT / database)).render_as_string(hide_password=False)
+
+
 def _ensure_sqlite_folder(url: str) -> None:
     database = make_url(url).database
     if database and database != ":memory:" and not database.startswith("file:"):
@@ -32,7 +43,7 @@ def _ensure_sqlite_folder(url: str) -> None:
 
 def create_engine(settings: DatabaseSettings) -> AsyncEngine:
     """Create the async engine; on SQLite turn on WAL, a busy timeout and immediate transactions."""
-    url = settings.url
+    url = resolve_database_url(settings.url)
     if not is_sqlite(url):
         return create_async_engine(
             url,
@@ -80,6 +91,7 @@ def create_session_factory(engine: AsyncEngine) -> async_sessionmaker:
 
 
 def alembic_config(url: str) -> AlembicConfig:
+    url = resolve_database_url(url)
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -91,7 +103,7 @@ def alembic_config(url: str) -> AlembicConfig:
 def upgrade(url: str, revision: str = "head") -> None:
     """Apply migrations up to ``revision`` (blocking; call from a thread inside an event loop)."""
     if is_sqlite(url):
-        _ensure_sqlite_folder(url)
+        _ensure_sqlite_folder(resolve_database_url(url))
     command.upgrade(alembic_config(url), revision)
 
 

@@ -1,0 +1,237 @@
+"""The console adapter: an interactive chat in the terminal, and replay of recorded dialogues."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from sqlalchemy import func, select
+
+from core import i18n
+from core.manager import ConversationManager, IncomingMessage, Reply, ReplyKind
+from core.service import Service
+from core.storage.models import Turn, User
+
+_LOGGER = logging.getLogger(__name__)
+
+PLATFORM = "console"
+
+
+# Interactive chat
+
+
+async def run_interactive(
+    service: Service,
+    *,
+    user_id: str | None = None,
+    locale_hint: str | None = None,
+    stdin: TextIO = sys.stdin,
+    stdout: TextIO = sys.stdout,
+) -> None:
+    """Chat with the local user until end of input; history persists across runs."""
+    manager = service.manager
+    template = IncomingMessage(
+        platform=PLATFORM,
+        chat_id="console",
+        user_id=user_id or getpass.getuser(),
+        text="",
+        locale_hint=locale_hint,
+    )
+    locale = await manager.user_locale(template)
+    print(i18n.text("console_welcome", locale), file=stdout, flush=True)
+
+    while True:
+        print("> ", end="", file=stdout, flush=True)
+        line = await asyncio.to_thread(stdin.readline)
+        if not line:
+            print(file=stdout)
+            return
+        message = IncomingMessage(
+            platform=template.platform,
+            chat_id=template.chat_id,
+            user_id=template.user_id,
+            text=line.rstrip("\n"),
+            locale_hint=locale_hint,
+        )
+
+        command, _, argument = message.text.strip().partition(" ")
+        if command.startswith("/") and len(command) > 1:
+            reply = await _run_command(manager, message, command, argument)
+            print(reply.text, file=stdout, flush=True)
+            continue
+
+        streamed: list[str] = []
+
+        async def show(delta: str) -> None:
+            if not streamed:
+                print("MindHarbor: ", end="", file=stdout)
+            streamed.append(delta)
+            print(delta, end="", file=stdout, flush=True)
+
+        reply = await manager.handle(message, on_delta=show)
+        if streamed and reply.kind is ReplyKind.GENERATED:
+            # The streamed text can stop short of the stored reply only when
+            # clean-up trimmed it, so print the reply whole when they differ.
+            if "".join(streamed).strip() != reply.text.strip():
+                print("\nMindHarbor: " + reply.text, end="", file=stdout)
+            print(file=stdout, flush=True)
+        elif reply.should_send:
+            prefix = "\n" if streamed else ""
+            print(f"{prefix}MindHarbor: {reply.text}", file=stdout, flush=True)
+
+
+async def _run_command(
+    manager: ConversationManager, message: IncomingMessage, command: str, argument: str
+) -> Reply:
+    name = command.lower()
+    if name == "/reset":
+        return await manager.reset(message)
+    if name == "/lang":
+        return await manager.set_locale(message, argument)
+    if name in ("/help", "/start"):
+        return await manager.notice(message, "help")
+    return await manager.notice(message, "unknown_command", command=command)
+
+
+# Replay of recorded dialogues
+
+
+@dataclass(slots=True)
+class Dialogue:
+    ident: str
+    user_turns: list[str]
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    dialogues: int = 0
+    user_turns: int = 0
+    replies: int = 0
+    apologies: int = 0
+    other: int = 0
+    skipped_lines: list[str] = field(default_factory=list)
+    latencies_s: list[float] = field(default_factory=list)
+    stored_turns: int = 0
+
+
+def read_dialogues(path: Path, limit: int | None = None) -> Iterator[Dialogue | str]:
+    """Yield each dialogue of a training-format JSONL file, or a note for each line that is not one."""
+    count = 0
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if limit is not None and count >= limit:
+                return
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                turns = record["conversations"]
+                user_turns = [
+                    str(turn["content"])
+                    for turn in turns
+                    if turn.get("role") == "user" and str(turn.get("content", "")).strip()
+                ]
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                yield f"line {number}: not a dialogue in the training format ({exc.__class__.__name__})"
+                continue
+            if not user_turns:
+                yield f"line {number}: no user turn"
+                continue
+            count += 1
+            yield Dialogue(str(record.get("id") or f"line-{number}"), user_turns)
+
+
+async def replay(
+    service: Service,
+    path: Path,
+    *,
+    limit: int | None = None,
+    concurrency: int = 1,
+    stdout: TextIO = sys.stdout,
+) -> ReplayReport:
+    """Play the user turns of each dialogue in ``path`` as one new user per dialogue and print every reply."""
+    manager = service.manager
+    report = ReplayReport()
+    run = time.strftime("%Y%m%dT%H%M%S")
+    dialogues: list[Dialogue] = []
+    for item in read_dialogues(path, limit):
+        if isinstance(item, str):
+            report.skipped_lines.append(item)
+            print(f"skipped {item}", file=stdout)
+        else:
+            dialogues.append(item)
+
+    user_ids = [f"replay-{run}-{index}-{dialogue.ident}"[:64] for index, dialogue in enumerate(dialogues)]
+    semaphore = asyncio.Semaphore(max(1, concurrency))
+
+    async def play(dialogue: Dialogue, user_id: str) -> None:
+        async with semaphore:
+            for number, text in enumerate(dialogue.user_turns):
+                message = IncomingMessage(
+                    platform=PLATFORM,
+                    chat_id="replay",
+                    user_id=user_id,
+                    text=text,
+                    message_id=str(number),
+                )
+                reply = await manager.handle(message)
+                report.user_turns += 1
+                report.latencies_s.append(reply.latency_s)
+                if reply.kind is ReplyKind.GENERATED:
+                    report.replies += 1
+                elif reply.kind is ReplyKind.APOLOGY:
+                    report.apologies += 1
+                else:
+                    report.other += 1
+                print(
+                    f"[{dialogue.ident} #{number + 1}] user: {text}\n"
+                    f"[{dialogue.ident} #{number + 1}] MindHarbor ({reply.latency_s * 1000:.0f} ms, "
+                    f"{reply.kind.value}): {reply.text}",
+                    file=stdout,
+                    flush=True,
+                )
+
+    await asyncio.gather(*(play(dialogue, user_id) for dialogue, user_id in zip(dialogues, user_ids, strict=True)))
+    report.dialogues = len(dialogues)
+    report.stored_turns = await _count_stored_turns(service, user_ids)
+    _print_summary(report, stdout)
+    return report
+
+
+async def _count_stored_turns(service: Service, user_ids: list[str]) -> int:
+    if not user_ids:
+        return 0
+    async with service.engine.connect() as connection:
+        statement = (
+            select(func.count(Turn.id))
+            .join(User, User.id == Turn.user_id)
+            .where(User.platform == PLATFORM, User.platform_user_id.in_(user_ids))
+        )
+        return int((await connection.execute(statement)).scalar_one())
+
+
+def _print_summary(report: ReplayReport, stdout: TextIO) -> None:
+    latencies = sorted(report.latencies_s)
+    if latencies:
+        p50 = statistics.median(latencies) * 1000
+        p95 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.95))] * 1000
+        timing = f"latency p50 {p50:.0f} ms, p95 {p95:.0f} ms"
+    else:
+        timing = "no latency figures"
+    print(
+        f"\nReplayed {report.dialogues} dialogues: {report.user_turns} user turns, "
+        f"{report.replies} replies, {report.apologies} apologies, {report.other} other; "
+        f"{timing}; {report.stored_turns} turns stored for these users; "
+        f"{len(report.skipped_lines)} lines skipped.",
+        file=stdout,
+        flush=True,
+    )

@@ -1,0 +1,144 @@
+"""The ``mindharbor`` command: database migrations, console chat and replay, and the service runner."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from core.config import Settings, load_secrets, load_settings
+from core.errors import ConfigError
+
+_LOGGER = logging.getLogger(__name__)
+
+# Dependencies whose INFO lines would drown the service's own.
+_NOISY_LOGGERS = ("httpx", "httpcore", "sqlalchemy.engine", "alembic", "asyncio", "urllib3")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mindharbor", description="MindHarbor mental-health support chatbot service."
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="settings file (default: $MINDHARBOR_CONFIG or config/default.yaml)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    database = commands.add_parser("db", help="database migrations")
+    database_commands = database.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    upgrade = database_commands.add_parser("upgrade", help="apply migrations (default: to head)")
+    upgrade.add_argument("revision", nargs="?", default="head")
+    downgrade = database_commands.add_parser("downgrade", help="revert migrations to REVISION")
+    downgrade.add_argument("revision", help="target revision, for example 'base' or '-1'")
+    database_commands.add_parser("current", help="print the database's revision")
+
+    chat = commands.add_parser("chat", help="chat in the terminal, or replay recorded dialogues")
+    chat.add_argument(
+        "--replay",
+        type=Path,
+        metavar="FILE.jsonl",
+        help="play the user turns of each dialogue in FILE (training format), one user each",
+    )
+    chat.add_argument("--limit", type=int, help="replay at most this many dialogues")
+    chat.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="dialogues replayed at the same time (default: 1)",
+    )
+    chat.add_argument("--lang", help="language hint for a new console user: en or zh")
+    chat.add_argument(
+        "--verbose", action="store_true", help="show the service's log lines while chatting"
+    )
+
+    commands.add_parser(
+        "run", help="start every adapter whose credentials are set (console chat when none is)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"mindharbor: {exc}", file=sys.stderr)
+        return 2
+
+    interactive_chat = args.command == "chat" and args.replay is None and not args.verbose
+    configure_logging("WARNING" if interactive_chat else settings.log_level)
+
+    try:
+        if args.command == "db":
+            return _database(args, settings)
+        if args.command == "chat":
+            return asyncio.run(_chat(args, settings))
+        if args.command == "run":
+            return asyncio.run(_run(settings))
+    except ConfigError as exc:
+        print(f"mindharbor: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+def _database(args: argparse.Namespace, settings: Settings) -> int:
+    from alembic import command
+
+    from core.storage import db
+
+    if args.db_command == "upgrade":
+        db.upgrade(settings.database.url, args.revision)
+    elif args.db_command == "downgrade":
+        db.downgrade(settings.database.url, args.revision)
+    else:
+        command.current(db.alembic_config(settings.database.url), verbose=True)
+    return 0
+
+
+async def _chat(args: argparse.Namespace, settings: Settings) -> int:
+    from bots import console
+    from core.service import Service
+
+    if args.replay is not None and not args.replay.is_file():
+        print(f"mindharbor: replay file {str(args.replay)!r} not found", file=sys.stderr)
+        return 2
+
+    async with Service(settings, load_secrets()) as service:
+        if args.replay is not None:
+            report = await console.replay(
+                service, args.replay, limit=args.limit, concurrency=args.concurrency
+            )
+            return 0 if report.user_turns and report.apologies == 0 else 1
+        await console.run_interactive(service, locale_hint=args.lang or os.environ.get("LANG"))
+    return 0
+
+
+async def _run(settings: Settings) -> int:
+    from bots import console
+    from core.service import Service
+
+    # No platform adapter exists yet, so the console chat is what runs.
+    async with Service(settings, load_secrets()) as service:
+        await console.run_interactive(service, locale_hint=os.environ.get("LANG"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""The conversation manager: the path of one message from an adapter to a stored reply.
+
+Steps as numbered in DESIGN.md: (1) find the user and open conversation and
+drop duplicates, (2) store the user turn and commit, (5) build the prompt,
+(6) generate with a timeout, (8) store the assistant turn. Steps 3, 4 and 7
+(risk screening, hand-off and reply screening) are not built yet; their places
+are marked below and the manager answers without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator, Hashable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from core import i18n
+from core.config import SUPPORTED_LOCALES, normalise_locale
+from core.errors import GenerationError
+from core.generation.base import DeltaCallback, Generator, SamplingParams
+from core.prompt import HistoryTurn, PromptBuilder
+from core.storage import repository
+from core.storage.models import Conversation, Role
+from core.text import sanitize_user_text
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IncomingMessage:
+    """One message from a platform, as an adapter hands it to the core."""
+
+    platform: str
+    chat_id: str
+    user_id: str
+    text: str
+    locale_hint: str | None = None
+    message_id: str | None = None
+    # Platform edit counter: 0 for the message as sent.
+    revision: int = 0
+    is_moderator: bool = False
+
+
+class ReplyKind(enum.StrEnum):
+    GENERATED = "generated"  # the model's reply, stored as an assistant turn
+    DUPLICATE = "duplicate"  # the message was handled before; send nothing
+    EMPTY_INPUT = "empty_input"  # no text to answer; a localized note
+    APOLOGY = "apology"  # generation failed or timed out; a localized apology
+    NOTICE = "notice"  # the answer to a command (/reset, /lang, /help)
+
+
+@dataclass(slots=True, kw_only=True)
+class Reply:
+    kind: ReplyKind
+    text: str
+    locale: str
+    conversation_id: int | None = None
+    user_turn_id: int | None = None
+    assistant_turn_id: int | None = None
+    finish_reason: str | None = None
+    latency_s: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def should_send(self) -> bool:
+        return self.kind is not ReplyKind.DUPLICATE and bool(self.text)
+
+
+class _KeyedLocks:
+    """One asyncio lock per key, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+class ConversationManager:
+    """Answer messages in order per user and concurrently across users, storing every turn."""
+
+    def __init__(
+        self,
+        *,
+        session_factory: async_sessionmaker[AsyncSession],
+        generator: Generator,
+        prompt_builder: PromptBuilder,
+        sampling: SamplingParams,
+        timeout_s: float,
+        history_turns: int = 48,
+        default_locale: str = "en",
+    ) -> None:
+        self._sessions = session_factory
+        self._generator = generator
+        self._prompts = prompt_builder
+        self._sampling = sampling
+        self._timeout_s = timeout_s
+        self._history_turns = history_turns
+        self._default_locale = default_locale
+        self._user_locks = _KeyedLocks()
+
+    # Public API
+
+    async def handle(self, message: IncomingMessage, *, on_delta: DeltaCallback | None = None) -> Reply:
+        """Store ``message`` as a user turn and return the reply to send (possibly none)."""
+        # Per-user order: a second quick message waits until the first is answered.
+        async with self._user_locks.hold((message.platform, message.user_id)):
+            return await self._handle(message, on_delta)
+
+    async def reset(self, message: IncomingMessage) -> Reply:
+        """Close the user's open conversation in this chat; the next message opens a new one."""
+        async with self._user_locks.hold((message.platform, message.user_id)):
+            async with self._sessions.begin() as session:
+                user = await repository.get_or_create_user(
+                    session, platform=message.platform, platform_user_id=message.user_id
+                )
+                await repository.close_open_conversations(
+                    session, user_id=user.id, platform_chat_id=message.chat_id
+                )
+                locale = self._locale_of(user.locale, message.locale_hint)
+        return Reply(kind=ReplyKind.NOTICE, text=i18n.text("reset_done", locale), locale=locale)
+
+    async def set_locale(self, message: IncomingMessage, value: str) -> Reply:
+        """Set the language of the user's replies from ``zh``, ``zh-CN``, ``en``... or explain the usage."""
+        requested = normalise_locale(value, default="") if value.strip() else ""
+        async with self._user_locks.hold((message.platform, message.user_id)):
+            async with self._sessions.begin() as session:
+                user = await repository.get_or_create_user(
+                    session, platform=message.platform, platform_user_id=message.user_id
+                )
+                if requested in SUPPORTED_LOCALES:
+                    user.locale = requested
+                locale = self._locale_of(user.locale, message.locale_hint)
+        key = "locale_set" if requested in SUPPORTED_LOCALES else "locale_usage"
+        return Reply(kind=ReplyKind.NOTICE, text=i18n.text(key, locale), locale=locale)
+
+    async def user_locale(self, message: IncomingMessage) -> str:
+        """Return the locale replies to this user are written in."""
+        async with self._sessions() as session:
+            user = await repository.get_or_create_user(
+                session, platform=message.platform, platform_user_id=message.user_id
+            )
+            await session.commit()
+            return self._locale_of(user.locale, message.locale_hint)
+
+    async def notice(self, message: IncomingMessage, key: str, **values: object) -> Reply:
+        """Return a localized notice (help text, unknown command...) for this user."""
+        locale = await self.user_locale(message)
+        return Reply(kind=ReplyKind.NOTICE, text=i18n.text(key, locale, **values), locale=locale)
+
+    # Private API
+
+    def _locale_of(self, stored: str | None, hint: str | None) -> str:
+        return stored or normalise_locale(hint, default=self._default_locale)
+
+    async def _handle(self, message: IncomingMessage, on_delta: DeltaCallback | None) -> Reply:
+        started = time.perf_counter()
+        text = sanitize_user_text(message.text)
+
+        # Steps 1 and 2, plus the history read of step 5, in one transaction:
+        # the user turn is committed before any generation starts.
+        try:
+            async with self._sessions.begin() as session:
+                stored = await self._store_user_turn(session, message, text)
+        except IntegrityError:
+            # Another process stored the same platform message first.
+            _LOGGER.info("Dropped duplicate message from platform %r", message.platform)
+            return Reply(kind=ReplyKind.DUPLICATE, text="", locale=self._default_locale)
+        if stored.duplicate:
+            return Reply(
+                kind=ReplyKind.DUPLICATE,
+                text="",
+                locale=stored.locale,
+                conversation_id=stored.conversation_id,
+            )
+
+        reply = Reply(
+            kind=ReplyKind.GENERATED,
+            text="",
+            locale=stored.locale,
+            conversation_id=stored.conversation_id,
+            user_turn_id=stored.turn_id,
+        )
+        if not text.strip():
+            reply.kind = ReplyKind.EMPTY_INPUT
+            reply.text = i18n.text("empty_message", stored.locale)
+            return reply
+
+        # Step 3 (risk screening) and step 4 (hand-off to moderators) go here.
+
+        # Step 5: the prompt.
+        built = self._prompts.build(stored.history, stored.locale)
+
+        # Step 6: generation, bounded by the timeout.
+        try:
+            result = await asyncio.wait_for(
+                self._generator.generate(built.messages, self._sampling, on_delta=on_delta),
+                timeout=self._timeout_s,
+            )
+        except (GenerationError, TimeoutError) as exc:
+            _LOGGER.warning(
+                "Generation failed for conversation %s: %s: %s",
+                stored.conversation_id,
+                type(exc).__name__,
+                exc,
+            )
+            return self._apology(reply, started)
+        except Exception:
+            _LOGGER.exception("Generation crashed for conversation %s", stored.conversation_id)
+            return self._apology(reply, started)
+
+        if not result.text.strip():
+            _LOGGER.warning("Empty reply for conversation %s", stored.conversation_id)
+            return self._apology(reply, started)
+
+        # Step 7 (reply screening) goes here.
+
+        # Step 8: the assistant turn.
+        latency = time.perf_counter() - started
+        meta = {
+            "model": result.model,
+            "finish_reason": result.finish_reason.value,
+            "latency_ms": round(latency * 1000, 1),
+            "prompt_tokens": built.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "dropped_turns": built.dropped_turns,
+            "newest_turn_shortened": built.newest_turn_shortened,
+            **{key: value for key, value in result.details.items() if _is_plain(value)},
+        }
+        async with self._sessions.begin() as session:
+            conversation = await session.get(Conversation, stored.conversation_id)
+            if conversation is None:
+                raise LookupError(f"conversation {stored.conversation_id} vanished mid-reply")
+            turn = repository.add_turn(
+                session,
+                conversation=conversation,
+                role=Role.ASSISTANT,
+                content=result.text,
+                meta=meta,
+            )
+            await session.flush()
+            reply.assistant_turn_id = turn.id
+
+        reply.text = result.text
+        reply.finish_reason = result.finish_reason.value
+        reply.latency_s = latency
+        reply.details = meta
+        _LOGGER.info(
+            "Replied in conversation %s in %.0f ms (%s)",
+            stored.conversation_id,
+            latency * 1000,
+            result.finish_reason.value,
+        )
+        return reply
+
+    async def _store_user_turn(
+        self, session: AsyncSession, message: IncomingMessage, text: str
+    ) -> _StoredTurn:
+        user = await repository.get_or_create_user(
+            session, platform=message.platform, platform_user_id=message.user_id
+        )
+        locale = self._locale_of(user.locale, message.locale_hint)
+        conversation = await repository.get_open_conversation(
+            session, user_id=user.id, platform_chat_id=message.chat_id
+        )
+
+        if message.message_id is not None:
+            seen = await repository.find_turn_by_message(
+                session,
+                user_id=user.id,
+                platform_chat_id=message.chat_id,
+                platform_message_id=message.message_id,
+                revision=message.revision,
+            )
+            if seen is not None:
+                _LOGGER.info("Dropped duplicate message in conversation %s", conversation.id)
+                return _StoredTurn(conversation.id, seen.id, locale, [], duplicate=True)
+
+        turn = repository.add_turn(
+            session,
+            conversation=conversation,
+            role=Role.USER,
+            content=text,
+            platform_message_id=message.message_id,
+            revision=message.revision,
+        )
+        await session.flush()
+
+        history = await repository.recent_turns(
+            session, conversation_id=conversation.id, limit=self._history_turns
+        )
+        return _StoredTurn(
+            conversation.id,
+            turn.id,
+            locale,
+            [HistoryTurn(str(item.role), item.content) for item in history],
+        )
+
+    def _apology(self, reply: Reply, started: float) -> Reply:
+        reply.kind = ReplyKind.APOLOGY
+        reply.text = i18n.text("apology", reply.locale)
+        reply.latency_s = time.perf_counter() - started
+        return reply
+
+
+@dataclass(slots=True)
+class _StoredTurn:
+    conversation_id: int
+    turn_id: int
+    locale: str
+    history: list[HistoryTurn]
+    duplicate: bool = False
+
+
+def _is_plain(value: object) -> bool:
+    return isinstance(value, str | int | float | bool) or value is None

@@ -1,0 +1,119 @@
+"""The service: database, generator and conversation manager of one process, started and stopped together."""
+
+from __future__ import annotations
+
+import enum
+import logging
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.config import Secrets, Settings
+from core.generation import create_generator, sampling_from_settings
+from core.generation.base import Generator
+from core.manager import ConversationManager
+from core.prompt import PromptBuilder, load_system_prompts
+from core.storage import db
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class ServiceState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class Service:
+    """Owns the engine, the generator and the manager; use ``async with Service(...)``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        secrets: Secrets,
+        *,
+        generator: Generator | None = None,
+        apply_migrations: bool = True,
+    ) -> None:
+        self.settings = settings
+        self._secrets = secrets
+        self._generator = generator
+        self._apply_migrations = apply_migrations
+        self._engine: AsyncEngine | None = None
+        self._manager: ConversationManager | None = None
+        self.state = ServiceState.CREATED
+
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def manager(self) -> ConversationManager:
+        if self._manager is None:
+            raise RuntimeError("The service is not running; call start() first.")
+        return self._manager
+
+    @property
+    def generator(self) -> Generator:
+        if self._generator is None:
+            raise RuntimeError("The service is not running; call start() first.")
+        return self._generator
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise RuntimeError("The service is not running; call start() first.")
+        return self._engine
+
+    async def start(self) -> None:
+        if self.state is ServiceState.RUNNING:
+            _LOGGER.debug("Service already running")
+            return
+        settings = self.settings
+
+        # Migrations are applied on start so that a new release never meets an old schema.
+        if self._apply_migrations:
+            await db.upgrade_async(settings.database.url)
+        self._engine = db.create_engine(settings.database)
+
+        if self._generator is None:
+            self._generator = create_generator(settings.generator, self._secrets)
+        await self._generator.start()
+
+        sampling = sampling_from_settings(settings.generator)
+        builder = PromptBuilder(
+            system_prompts=load_system_prompts(settings.prompt),
+            count_tokens=self._generator.count_prompt_tokens,
+            context_length=settings.prompt.context_length or self._generator.context_length,
+            max_new_tokens=sampling.max_new_tokens,
+            truncation_marker=settings.prompt.truncation_marker,
+            default_locale=settings.chat.default_locale,
+        )
+        self._manager = ConversationManager(
+            session_factory=db.create_session_factory(self._engine),
+            generator=self._generator,
+            prompt_builder=builder,
+            sampling=sampling,
+            timeout_s=settings.generator.timeout_s,
+            history_turns=settings.prompt.history_turns,
+            default_locale=settings.chat.default_locale,
+        )
+        self.state = ServiceState.RUNNING
+        _LOGGER.info(
+            "Service started: generator %r (%s), database %s",
+            self._generator.model_name,
+            self._generator.name,
+            self._engine.url.render_as_string(hide_password=True),
+        )
+
+    async def stop(self) -> None:
+        if self.state is not ServiceState.RUNNING:
+            return
+        self.state = ServiceState.STOPPED
+        if self._generator is not None:
+            await self._generator.stop()
+        if self._engine is not None:
+            await self._engine.dispose()
+        _LOGGER.info("Service stopped")

@@ -1,0 +1,84 @@
+"""Test doubles for the generator interface, for tests of the code around generation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from core.errors import GenerationError
+from core.generation.base import (
+    ChatMessage,
+    DeltaCallback,
+    FinishReason,
+    GenerationResult,
+    Generator,
+    SamplingParams,
+)
+
+
+class FakeGenerator(Generator):
+    """Answers at once with a reply derived from the newest user message.
+
+    Tokens are counted as whitespace-separated words plus characters outside
+    ASCII, plus four per message, which is enough for prompt-budget tests.
+    ``fail`` makes the next calls raise, ``hang`` makes them never finish and
+    ``delay_s`` makes them slow.
+    """
+
+    name = "fake"
+
+    def __init__(self, *, context_length: int = 4096) -> None:
+        self._context_length = context_length
+        self.calls: list[list[ChatMessage]] = []
+        self.fail = False
+        self.hang = False
+        self.delay_s = 0.0
+        self.started = False
+
+    @property
+    def model_name(self) -> str:
+        return "fake-echo"
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        total = 0
+        for message in messages:
+            total += 4 + len(message.content.split())
+            total += sum(1 for character in message.content if ord(character) > 127)
+        return total + 2
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def stop(self) -> None:
+        self.started = False
+
+    async def generate(
+        self,
+        messages: Sequence[ChatMessage],
+        params: SamplingParams,
+        *,
+        on_delta: DeltaCallback | None = None,
+    ) -> GenerationResult:
+        self.calls.append(list(messages))
+        if self.fail:
+            raise GenerationError("the fake generator was told to fail")
+        if self.hang:
+            await asyncio.Event().wait()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+
+        text = f"reply to: {messages[-1].content[:200]}"
+        if on_delta is not None:
+            for word in text.split(" "):
+                await on_delta(word + " ")
+        return GenerationResult(
+            text=text,
+            finish_reason=FinishReason.STOP,
+            model=self.model_name,
+            prompt_tokens=self.count_prompt_tokens(messages),
+            completion_tokens=len(text.split()),
+        )
