@@ -27,7 +27,7 @@ from core.errors import GenerationError
 from core.generation.base import DeltaCallback, Generator, SamplingParams
 from core.prompt import HistoryTurn, PromptBuilder
 from core.storage import repository
-from core.storage.models import Conversation, Role
+from core.storage.models import Role
 from core.text import sanitize_user_text
 
 _LOGGER = logging.getLogger(__name__)
@@ -249,18 +249,15 @@ class ConversationManager:
             **{key: value for key, value in result.details.items() if _is_plain(value)},
         }
         async with self._sessions.begin() as session:
-            conversation = await session.get(Conversation, stored.conversation_id)
-            if conversation is None:
-                raise LookupError(f"conversation {stored.conversation_id} vanished mid-reply")
-            turn = repository.add_turn(
+            reply.assistant_turn_id = await repository.insert_turn(
                 session,
-                conversation=conversation,
+                conversation_id=stored.conversation_id,
+                user_id=stored.user_id,
+                platform_chat_id=message.chat_id,
                 role=Role.ASSISTANT,
                 content=result.text,
                 meta=meta,
             )
-            await session.flush()
-            reply.assistant_turn_id = turn.id
 
         reply.text = result.text
         reply.finish_reason = result.finish_reason.value
@@ -277,44 +274,58 @@ class ConversationManager:
     async def _store_user_turn(
         self, session: AsyncSession, message: IncomingMessage, text: str
     ) -> _StoredTurn:
-        user = await repository.get_or_create_user(
-            session, platform=message.platform, platform_user_id=message.user_id
+        # One query finds a returning user and their open conversation.
+        found = await repository.find_user_and_conversation(
+            session,
+            platform=message.platform,
+            platform_user_id=message.user_id,
+            platform_chat_id=message.chat_id,
         )
-        locale = self._locale_of(user.locale, message.locale_hint)
-        conversation = await repository.get_open_conversation(
-            session, user_id=user.id, platform_chat_id=message.chat_id
-        )
+        if found is None:
+            user = await repository.get_or_create_user(
+                session, platform=message.platform, platform_user_id=message.user_id
+            )
+            user_id, stored_locale, conversation_id = user.id, user.locale, None
+        else:
+            user_id, stored_locale, conversation_id = found
+        if conversation_id is None:
+            conversation = await repository.get_open_conversation(
+                session, user_id=user_id, platform_chat_id=message.chat_id
+            )
+            conversation_id = conversation.id
+        locale = self._locale_of(stored_locale, message.locale_hint)
 
         if message.message_id is not None:
             seen = await repository.find_turn_by_message(
                 session,
-                user_id=user.id,
+                user_id=user_id,
                 platform_chat_id=message.chat_id,
                 platform_message_id=message.message_id,
                 revision=message.revision,
             )
             if seen is not None:
-                _LOGGER.info("Dropped duplicate message in conversation %s", conversation.id)
-                return _StoredTurn(conversation.id, seen.id, locale, [], duplicate=True)
+                _LOGGER.info("Dropped duplicate message in conversation %s", conversation_id)
+                return _StoredTurn(conversation_id, user_id, seen, locale, [], duplicate=True)
 
-        turn = repository.add_turn(
+        turn_id = await repository.insert_turn(
             session,
-            conversation=conversation,
+            conversation_id=conversation_id,
+            user_id=user_id,
+            platform_chat_id=message.chat_id,
             role=Role.USER,
             content=text,
             platform_message_id=message.message_id,
             revision=message.revision,
         )
-        await session.flush()
-
         history = await repository.recent_turns(
-            session, conversation_id=conversation.id, limit=self._history_turns
+            session, conversation_id=conversation_id, limit=self._history_turns
         )
         return _StoredTurn(
-            conversation.id,
-            turn.id,
+            conversation_id,
+            user_id,
+            turn_id,
             locale,
-            [HistoryTurn(str(item.role), item.content) for item in history],
+            [HistoryTurn(role.value, content) for role, content in history],
         )
 
     def _apology(self, reply: Reply, started: float) -> Reply:
@@ -327,6 +338,7 @@ class ConversationManager:
 @dataclass(slots=True)
 class _StoredTurn:
     conversation_id: int
+    user_id: int
     turn_id: int
     locale: str
     history: list[HistoryTurn]

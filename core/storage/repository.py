@@ -5,11 +5,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.storage.models import Conversation, Role, Turn, User, utcnow
+
+
+async def find_user_and_conversation(
+    session: AsyncSession, *, platform: str, platform_user_id: str, platform_chat_id: str
+) -> tuple[int, str | None, int | None] | None:
+    """Return (user id, locale, open conversation id or None) in one query, or None for a new user."""
+    statement = (
+        select(User.id, User.locale, Conversation.id)
+        .outerjoin(
+            Conversation,
+            (Conversation.user_id == User.id)
+            & (Conversation.platform_chat_id == platform_chat_id)
+            & Conversation.closed_at.is_(None),
+        )
+        .where(User.platform == platform, User.platform_user_id == platform_user_id)
+    )
+    row = (await session.execute(statement)).first()
+    return None if row is None else (row[0], row[1], row[2])
 
 
 async def get_or_create_user(
@@ -76,8 +94,9 @@ async def find_turn_by_message(
     platform_chat_id: str,
     platform_message_id: str,
     revision: int = 0,
-) -> Turn | None:
-    statement = select(Turn).where(
+) -> int | None:
+    """Return the id of the turn stored for this platform message and revision, if any."""
+    statement = select(Turn.id).where(
         Turn.user_id == user_id,
         Turn.platform_chat_id == platform_chat_id,
         Turn.platform_message_id == platform_message_id,
@@ -110,19 +129,50 @@ def add_turn(
     return turn
 
 
+async def insert_turn(
+    session: AsyncSession,
+    *,
+    conversation_id: int,
+    user_id: int,
+    platform_chat_id: str,
+    role: Role,
+    content: str,
+    platform_message_id: str | None = None,
+    revision: int = 0,
+    meta: dict[str, Any] | None = None,
+) -> int:
+    """Insert a turn without loading ORM objects (the per-message path) and return its id."""
+    statement = (
+        insert(Turn)
+        .values(
+            conversation_id=conversation_id,
+            user_id=user_id,
+            role=role,
+            content=content,
+            platform_chat_id=platform_chat_id,
+            platform_message_id=platform_message_id,
+            revision=revision,
+            created_at=utcnow(),
+            meta=meta,
+        )
+        .returning(Turn.id)
+    )
+    return (await session.execute(statement)).scalar_one()
+
+
 async def recent_turns(
     session: AsyncSession, *, conversation_id: int, limit: int
-) -> Sequence[Turn]:
-    """Return the newest ``limit`` turns of a conversation, oldest first."""
+) -> list[tuple[Role, str]]:
+    """Return (role, content) of the newest ``limit`` turns of a conversation, oldest first."""
     statement = (
-        select(Turn)
+        select(Turn.role, Turn.content)
         .where(Turn.conversation_id == conversation_id)
         .order_by(Turn.created_at.desc(), Turn.id.desc())
         .limit(limit)
     )
-    turns = list((await session.execute(statement)).scalars())
-    turns.reverse()
-    return turns
+    rows = [(row[0], row[1]) for row in await session.execute(statement)]
+    rows.reverse()
+    return rows
 
 
 async def conversation_turns(session: AsyncSession, *, conversation_id: int) -> Sequence[Turn]:

@@ -53,7 +53,7 @@ class Harness:
 @pytest.fixture
 async def harness(database_url: str) -> AsyncIterator[Harness]:
     generator = FakeGenerator(context_length=400)
-    built = Harness(database_url, generator, timeout_s=1.0)
+    built = Harness(database_url, generator, timeout_s=10.0)
     yield built
     await built.engine.dispose()
 
@@ -135,16 +135,21 @@ async def test_quick_messages_from_one_user_in_order(harness: Harness) -> None:
 
 
 async def test_different_users_served_concurrently(harness: Harness) -> None:
+    # Each generation waits until all five are in flight at once; were users
+    # served one after another, the wait would time out instead.
     in_flight = 0
     most_in_flight = 0
+    all_in_flight = asyncio.Event()
     original = harness.generator.generate
 
     async def tracking_generate(*args, **kwargs):
         nonlocal in_flight, most_in_flight
         in_flight += 1
         most_in_flight = max(most_in_flight, in_flight)
+        if in_flight == 5:
+            all_in_flight.set()
         try:
-            await asyncio.sleep(0.05)
+            await asyncio.wait_for(all_in_flight.wait(), timeout=10)
             return await original(*args, **kwargs)
         finally:
             in_flight -= 1
@@ -153,6 +158,8 @@ async def test_different_users_served_concurrently(harness: Harness) -> None:
     replies = await asyncio.gather(
         *(harness.manager.handle(message("hi", user=f"user-{index}")) for index in range(5))
     )
+
+    assert all_in_flight.is_set()
 
     assert all(reply.kind is ReplyKind.GENERATED for reply in replies)
     assert most_in_flight == 5
@@ -172,13 +179,17 @@ async def test_generator_failure_gives_apology_and_keeps_turn(
     assert "are you there" not in caplog.text
 
 
-async def test_generator_timeout_gives_apology(harness: Harness) -> None:
+async def test_generator_timeout_gives_apology(database_url: str) -> None:
+    harness = Harness(database_url, FakeGenerator(context_length=400), timeout_s=0.3)
     harness.generator.hang = True
-    reply = await harness.manager.handle(message("hello?", locale_hint="zh-hans"))
+    try:
+        reply = await harness.manager.handle(message("hello?", locale_hint="zh-hans"))
 
-    assert reply.kind is ReplyKind.APOLOGY
-    assert reply.text.startswith("抱歉")
-    assert [turn.content for turn in await harness.turns()] == ["hello?"]
+        assert reply.kind is ReplyKind.APOLOGY
+        assert reply.text.startswith("抱歉")
+        assert [turn.content for turn in await harness.turns()] == ["hello?"]
+    finally:
+        await harness.engine.dispose()
 
 
 async def test_turn_after_failure_merges_unanswered_turns(harness: Harness) -> None:

@@ -19,8 +19,9 @@ from core.generation.base import (
 class FakeGenerator(Generator):
     """Answers at once with a reply derived from the newest user message.
 
-    Tokens are counted as whitespace-separated words plus characters outside
-    ASCII, plus four per message, which is enough for prompt-budget tests.
+    Tokens are counted as whitespace-separated words plus half the UTF-8 bytes
+    beyond one per character (about one per CJK character), plus four per
+    message, which is enough for prompt-budget tests and costs next to nothing.
     ``fail`` makes the next calls raise, ``hang`` makes them never finish and
     ``delay_s`` makes them slow.
     """
@@ -46,8 +47,9 @@ class FakeGenerator(Generator):
     def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
         total = 0
         for message in messages:
-            total += 4 + len(message.content.split())
-            total += sum(1 for character in message.content if ord(character) > 127)
+            content = message.content
+            extra_bytes = len(content.encode("utf-8", "surrogatepass")) - len(content)
+            total += 4 + len(content.split()) + extra_bytes // 2
         return total + 2
 
     async def start(self) -> None:
