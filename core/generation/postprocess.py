@@ -38,30 +38,42 @@ def _sentence_key(sentence: str) -> str:
     return " ".join(words) if words else sentence.strip()
 
 
-def trim_repetition(text: str, *, min_key_chars: int = 4) -> tuple[str, bool]:
-    """Cut the reply where a sentence it already said comes back.
-
-    A model stuck in a loop says the same sentence again and again; keeping the
-    text before the first repeat keeps one copy. Very short sentences ("Yes.",
-    "OK.") may honestly repeat and are ignored.
-    """
-    seen: set[str] = set()
+def _sentences(text: str) -> list[tuple[int, str]]:
+    """Split ``text`` into (start offset, sentence) pieces at sentence ends and newlines."""
+    pieces = []
     position = 0
     for match in _SENTENCE_END.finditer(text):
-        end = match.end()
-        sentence = text[position:match.start()]
-        key = _sentence_key(sentence)
-        if len(key) >= min_key_chars:
-            if key in seen:
-                return text[:position].rstrip(), True
-            seen.add(key)
-        position = end
-        if position >= len(text):
-            break
+        if match.start() > position:
+            pieces.append((position, text[position:match.start()]))
+        position = match.end()
+    if position < len(text):
+        pieces.append((position, text[position:]))
+    return pieces
 
-    tail_key = _sentence_key(text[position:])
-    if len(tail_key) >= min_key_chars and tail_key in seen:
-        return text[:position].rstrip(), True
+
+def trim_repetition(text: str, *, min_key_bytes: int = 5) -> tuple[str, bool]:
+    """Cut a reply where the model starts looping, keeping one copy of the looping sentence.
+
+    A loop is a sentence said again right after itself, or said three times or
+    more. One sentence said twice far apart is ordinary speech and stays. Very
+    short sentences ("Yes.", "OK.", the "Mr" of "Mr.") are never counted; the
+    length is in UTF-8 bytes so that a three-character Chinese sentence counts.
+    """
+    pieces = [(start, _sentence_key(sentence)) for start, sentence in _sentences(text)]
+    pieces = [
+        (start, key) for start, key in pieces if len(key.encode("utf-8")) >= min_key_bytes
+    ]
+    totals: dict[str, int] = {}
+    for _, key in pieces:
+        totals[key] = totals.get(key, 0) + 1
+
+    seen: set[str] = set()
+    previous = None
+    for start, key in pieces:
+        if key in seen and (key == previous or totals[key] >= 3):
+            return text[:start].rstrip(), True
+        seen.add(key)
+        previous = key
     return text, False
 
 
