@@ -1,4 +1,4 @@
-"""Benchmark: time per message through the ConversationManager with a generator that answers at once.
+"""Benchmark: time per message through the ConversationManager, with an instant generator.
 
 Prints p50 and p99 per message on SQLite and PostgreSQL for a user with 10 and
 with 10,000 stored turns, and the ratio to a bare insert plus select of one
@@ -23,17 +23,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import asyncpg  # noqa: E402
-from sqlalchemy import insert, select, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
+import asyncpg
+from sqlalchemy import insert, select, text
+from sqlalchemy.engine import make_url
 
-from core.config import DatabaseSettings  # noqa: E402
-from core.generation.base import SamplingParams  # noqa: E402
-from core.manager import ConversationManager, IncomingMessage  # noqa: E402
-from core.prompt import PromptBuilder  # noqa: E402
-from core.storage import db, repository  # noqa: E402
-from core.storage.models import Role, Turn, utcnow  # noqa: E402
-from tests.helpers.fakes import FakeGenerator  # noqa: E402
+from core.config import DatabaseSettings
+from core.generation.base import SamplingParams
+from core.manager import ConversationManager, IncomingMessage
+from core.prompt import PromptBuilder
+from core.storage import db, repository
+from core.storage.models import Role, Turn, utcnow
+from tests.helpers.fakes import FakeGenerator
 
 DEFAULT_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 
@@ -137,13 +137,17 @@ async def run_database(label: str, url: str, messages: int) -> None:
         await engine.dispose()
 
     bare_p50 = statistics.median(bare) * 1000
-    print(f"\n{label}: bare insert + select of one row: p50 {bare_p50:.2f} ms, "
-          f"p99 {percentile(bare, 0.99) * 1000:.2f} ms")
+    print(
+        f"\n{label}: bare insert + select of one row: p50 {bare_p50:.2f} ms, "
+        f"p99 {percentile(bare, 0.99) * 1000:.2f} ms"
+    )
     for stored, timings in results.items():
         p50 = statistics.median(timings) * 1000
         p99 = percentile(timings, 0.99) * 1000
-        print(f"{label}: {stored:>6} stored turns: p50 {p50:.2f} ms, p99 {p99:.2f} ms, "
-              f"p50 / bare p50 = {p50 / bare_p50:.1f}x")
+        print(
+            f"{label}: {stored:>6} stored turns: p50 {p50:.2f} ms, p99 {p99:.2f} ms, "
+            f"p50 / bare p50 = {p50 / bare_p50:.1f}x"
+        )
     ratio = statistics.median(results[10_000]) / statistics.median(results[10])
     print(f"{label}: p50 with 10,000 turns / p50 with 10 turns = {ratio:.2f}x (target <= 1.3x)")
 
@@ -170,19 +174,28 @@ async def drop_postgres_database(admin: str, name: str) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=400, help="timed messages per case")
-    parser.add_argument("--postgres-url", default=os.environ.get("MINDHARBOR_TEST_POSTGRES_URL", DEFAULT_POSTGRES))
+    parser.add_argument(
+        "--postgres-url", default=os.environ.get("MINDHARBOR_TEST_POSTGRES_URL", DEFAULT_POSTGRES)
+    )
     parser.add_argument("--no-postgres", action="store_true", help="measure SQLite only")
     args = parser.parse_args()
 
-    print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"{platform.system()} {platform.release()}")
+    print(
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
     with tempfile.TemporaryDirectory() as folder:
-        await run_database("SQLite", f"sqlite+aiosqlite:///{Path(folder) / 'bench.db'}", args.messages)
+        await run_database(
+            "SQLite", f"sqlite+aiosqlite:///{Path(folder) / 'bench.db'}", args.messages
+        )
 
     if not args.no_postgres:
         admin, name = await create_postgres_database(args.postgres_url)
         try:
-            url = make_url(args.postgres_url).set(database=name).render_as_string(hide_password=False)
+            url = (
+                make_url(args.postgres_url).set(database=name).render_as_string(hide_password=False)
+            )
             await run_database("PostgreSQL", url, args.messages)
         finally:
             await drop_postgres_database(admin, name)

@@ -69,24 +69,35 @@ async def run_interactive(
             print(reply.text, file=stdout, flush=True)
             continue
 
-        streamed: list[str] = []
+        printer = _ReplyPrinter(stdout)
+        reply = await manager.handle(message, on_delta=printer.on_delta)
+        printer.finish(reply)
 
-        async def show(delta: str) -> None:
-            if not streamed:
-                print("MindHarbor: ", end="", file=stdout)
-            streamed.append(delta)
-            print(delta, end="", file=stdout, flush=True)
 
-        reply = await manager.handle(message, on_delta=show)
+class _ReplyPrinter:
+    """Print a reply as it streams in, then make sure the stored reply is what is shown."""
+
+    def __init__(self, stdout: TextIO) -> None:
+        self._stdout = stdout
+        self._pieces: list[str] = []
+
+    async def on_delta(self, delta: str) -> None:
+        if not self._pieces:
+            print("MindHarbor: ", end="", file=self._stdout)
+        self._pieces.append(delta)
+        print(delta, end="", file=self._stdout, flush=True)
+
+    def finish(self, reply: Reply) -> None:
+        streamed = "".join(self._pieces)
         if streamed and reply.kind is ReplyKind.GENERATED:
-            # The streamed text can stop short of the stored reply only when
-            # clean-up trimmed it, so print the reply whole when they differ.
-            if "".join(streamed).strip() != reply.text.strip():
-                print("\nMindHarbor: " + reply.text, end="", file=stdout)
-            print(file=stdout, flush=True)
+            # The streamed text differs from the stored reply only when
+            # clean-up trimmed a loop after it was shown; show the reply whole.
+            if streamed.strip() != reply.text.strip():
+                print("\nMindHarbor: " + reply.text, end="", file=self._stdout)
+            print(file=self._stdout, flush=True)
         elif reply.should_send:
             prefix = "\n" if streamed else ""
-            print(f"{prefix}MindHarbor: {reply.text}", file=stdout, flush=True)
+            print(f"{prefix}MindHarbor: {reply.text}", file=self._stdout, flush=True)
 
 
 async def _run_command(
@@ -124,7 +135,7 @@ class ReplayReport:
 
 
 def read_dialogues(path: Path, limit: int | None = None) -> Iterator[Dialogue | str]:
-    """Yield each dialogue of a training-format JSONL file, or a note for each line that is not one."""
+    """Yield each dialogue of a training-format JSONL file, or a note for each other line."""
     count = 0
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
@@ -141,7 +152,8 @@ def read_dialogues(path: Path, limit: int | None = None) -> Iterator[Dialogue | 
                     if turn.get("role") == "user" and str(turn.get("content", "")).strip()
                 ]
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-                yield f"line {number}: not a dialogue in the training format ({exc.__class__.__name__})"
+                kind = exc.__class__.__name__
+                yield f"line {number}: not a dialogue in the training format ({kind})"
                 continue
             if not user_turns:
                 yield f"line {number}: no user turn"
@@ -158,7 +170,7 @@ async def replay(
     concurrency: int = 1,
     stdout: TextIO = sys.stdout,
 ) -> ReplayReport:
-    """Play the user turns of each dialogue in ``path`` as one new user per dialogue and print every reply."""
+    """Play each dialogue's user turns as one new user per dialogue and print every reply."""
     manager = service.manager
     report = ReplayReport()
     run = time.strftime("%Y%m%dT%H%M%S")
@@ -170,7 +182,9 @@ async def replay(
         else:
             dialogues.append(item)
 
-    user_ids = [f"replay-{run}-{index}-{dialogue.ident}"[:64] for index, dialogue in enumerate(dialogues)]
+    user_ids = [
+        f"replay-{run}-{index}-{dialogue.ident}"[:64] for index, dialogue in enumerate(dialogues)
+    ]
     semaphore = asyncio.Semaphore(max(1, concurrency))
 
     async def play(dialogue: Dialogue, user_id: str) -> None:
@@ -194,13 +208,16 @@ async def replay(
                     report.other += 1
                 print(
                     f"[{dialogue.ident} #{number + 1}] user: {text}\n"
-                    f"[{dialogue.ident} #{number + 1}] MindHarbor ({reply.latency_s * 1000:.0f} ms, "
+                    f"[{dialogue.ident} #{number + 1}] MindHarbor "
+                    f"({reply.latency_s * 1000:.0f} ms, "
                     f"{reply.kind.value}): {reply.text}",
                     file=stdout,
                     flush=True,
                 )
 
-    await asyncio.gather(*(play(dialogue, user_id) for dialogue, user_id in zip(dialogues, user_ids, strict=True)))
+    await asyncio.gather(
+        *(play(dialogue, user_id) for dialogue, user_id in zip(dialogues, user_ids, strict=True))
+    )
     report.dialogues = len(dialogues)
     report.stored_turns = await _count_stored_turns(service, user_ids)
     _print_summary(report, stdout)

@@ -1,4 +1,4 @@
-"""The ``mindharbor`` command: database migrations, console chat and replay, and the service runner."""
+"""The ``mindharbor`` command: migrations, console chat and replay, and the service runner."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ def _catalogue(path: Path = MESSAGES_FILE) -> dict[str, dict[str, str]]:
 
 
 def text(key: str, locale: str, **values: object) -> str:
-    """Return message ``key`` in ``locale`` (English when that locale lacks it), filled with ``values``."""
+    """Return message ``key`` in ``locale`` (else English), filled in with ``values``."""
     catalogue = _catalogue()
     template = catalogue.get(locale, {}).get(key) or catalogue["en"][key]
     return template.format(**values) if values else template

@@ -122,7 +122,9 @@ class ConversationManager:
 
     # Public API
 
-    async def handle(self, message: IncomingMessage, *, on_delta: DeltaCallback | None = None) -> Reply:
+    async def handle(
+        self, message: IncomingMessage, *, on_delta: DeltaCallback | None = None
+    ) -> Reply:
         """Store ``message`` as a user turn and return the reply to send (possibly none)."""
         # Per-user order: a second quick message waits until the first is answered.
         async with self._user_locks.hold((message.platform, message.user_id)):
@@ -142,7 +144,7 @@ class ConversationManager:
         return Reply(kind=ReplyKind.NOTICE, text=i18n.text("reset_done", locale), locale=locale)
 
     async def set_locale(self, message: IncomingMessage, value: str) -> Reply:
-        """Set the language of the user's replies from ``zh``, ``zh-CN``, ``en``... or explain the usage."""
+        """Set the user's reply language from ``zh``, ``zh-CN``, ``en``..., or explain the usage."""
         requested = normalise_locale(value, default="") if value.strip() else ""
         async with self._user_locks.hold((message.platform, message.user_id)):
             async with self._sessions.begin() as session:

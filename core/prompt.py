@@ -1,4 +1,4 @@
-"""Prompt building: the system prompt for the user's language plus the newest turns that fit the token budget."""
+"""Prompt building: the locale's system prompt plus the newest turns that fit the token budget."""
 
 from __future__ import annotations
 
@@ -88,9 +88,7 @@ class PromptBuilder:
         # The longest system prompt plus a fully shortened user turn must fit,
         # or no message could ever be answered.
         for locale, system in self._system_prompts.items():
-            floor = self._count(
-                [ChatMessage("system", system), ChatMessage("user", self._marker)]
-            )
+            floor = self._count([ChatMessage("system", system), ChatMessage("user", self._marker)])
             if floor > self.budget:
                 raise ConfigError(
                     f"The system prompt for {locale!r} takes {floor} tokens, but the context "
@@ -117,7 +115,7 @@ class PromptBuilder:
         best_tokens = 0
         while low <= high:
             middle = (low + high) // 2
-            tokens = self._count([system, *turns[starts[middle]:]])
+            tokens = self._count([system, *turns[starts[middle] :]])
             if tokens <= self.budget:
                 best, best_tokens = middle, tokens
                 high = middle - 1
@@ -138,7 +136,7 @@ class PromptBuilder:
         def shortened(keep: int) -> ChatMessage:
             head = keep // 2
             tail = keep - head
-            return ChatMessage("user", f"{text[:head]}\n{self._marker}\n{text[len(text) - tail:]}")
+            return ChatMessage("user", f"{text[:head]}\n{self._marker}\n{text[len(text) - tail :]}")
 
         # No tokenizer packs more than a few dozen characters into one token of
         # chat text, so the search need not try keeping more than this.

@@ -1,4 +1,4 @@
-"""The service: database, generator and conversation manager of one process, started and stopped together."""
+"""The service: one process's database, generator and conversation manager, started together."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def sanitize_user_text(text: str) -> str:
-    """Make ``text`` storable in SQLite and PostgreSQL and safe to show, keeping what the user meant.
+    """Make ``text`` storable in SQLite and PostgreSQL, keeping what the user meant.
 
     PostgreSQL rejects NUL characters and no UTF-8 codec accepts a lone
     surrogate, so those would lose the turn; control characters carry no

@@ -1,4 +1,4 @@
-"""Shared fixtures: real SQLite and PostgreSQL databases with the schema migrated, and a test double generator."""
+"""Shared fixtures: migrated SQLite and PostgreSQL databases, fresh for each test."""
 
 from __future__ import annotations
 

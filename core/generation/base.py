@@ -72,7 +72,7 @@ class Generator(abc.ABC):
 
     @abc.abstractmethod
     def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
-        """Count the tokens of ``messages`` rendered as a prompt that ends where the reply starts."""
+        """Count the tokens of ``messages`` as a prompt that ends where the reply starts."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load models or open connections; calling it twice is harmless."""

@@ -1,4 +1,4 @@
-"""Encode chat messages with a tokenizer's own chat template, never reading user text as control tokens.
+"""Encode chat messages with the tokenizer's chat template; user text never yields control tokens.
 
 A plain ``apply_chat_template`` renders the conversation to one string and
 tokenizes it with special tokens switched on, so a user who types
@@ -45,7 +45,7 @@ def encode_chat(
     ids: list[int] = []
     position = 0
     for match in _PLACEHOLDER.finditer(rendered):
-        template_text = rendered[position:match.start()]
+        template_text = rendered[position : match.start()]
         if template_text:
             ids.extend(tokenizer.encode(template_text, add_special_tokens=False))
         content = contents[int(match.group(1))]

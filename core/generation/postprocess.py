@@ -44,7 +44,7 @@ def _sentences(text: str) -> list[tuple[int, str]]:
     position = 0
     for match in _SENTENCE_END.finditer(text):
         if match.start() > position:
-            pieces.append((position, text[position:match.start()]))
+            pieces.append((position, text[position : match.start()]))
         position = match.end()
     if position < len(text):
         pieces.append((position, text[position:]))
@@ -60,9 +60,7 @@ def trim_repetition(text: str, *, min_key_bytes: int = 5) -> tuple[str, bool]:
     length is in UTF-8 bytes so that a three-character Chinese sentence counts.
     """
     pieces = [(start, _sentence_key(sentence)) for start, sentence in _sentences(text)]
-    pieces = [
-        (start, key) for start, key in pieces if len(key.encode("utf-8")) >= min_key_bytes
-    ]
+    pieces = [(start, key) for start, key in pieces if len(key.encode("utf-8")) >= min_key_bytes]
     totals: dict[str, int] = {}
     for _, key in pieces:
         totals[key] = totals.get(key, 0) + 1

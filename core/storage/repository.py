@@ -15,7 +15,7 @@ from core.storage.models import Conversation, Role, Turn, User, utcnow
 async def find_user_and_conversation(
     session: AsyncSession, *, platform: str, platform_user_id: str, platform_chat_id: str
 ) -> tuple[int, str | None, int | None] | None:
-    """Return (user id, locale, open conversation id or None) in one query, or None for a new user."""
+    """Return (user id, locale, open conversation id or None), or None for a new user."""
     statement = (
         select(User.id, User.locale, Conversation.id)
         .outerjoin(

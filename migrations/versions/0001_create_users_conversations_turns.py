@@ -107,9 +107,7 @@ def upgrade() -> None:
             name="uq_turns_platform_message",
         ),
     )
-    op.create_index(
-        "ix_turns_conversation_time", "turns", ["conversation_id", "created_at", "id"]
-    )
+    op.create_index("ix_turns_conversation_time", "turns", ["conversation_id", "created_at", "id"])
     op.create_index(op.f("ix_turns_user_id"), "turns", ["user_id"])
 
 

@@ -28,9 +28,7 @@ async def service(settings: Settings) -> AsyncIterator[Service]:
 
 async def chat(service: Service, lines: str) -> str:
     output = io.StringIO()
-    await console.run_interactive(
-        service, user_id="alice", stdin=io.StringIO(lines), stdout=output
-    )
+    await console.run_interactive(service, user_id="alice", stdin=io.StringIO(lines), stdout=output)
     return output.getvalue()
 
 
@@ -88,7 +86,9 @@ async def test_replay_answers_every_user_turn(service: Service, tmp_path: Path) 
     assert report.user_turns == 4
     assert report.replies == 4
     assert report.stored_turns == 8
-    assert report.skipped_lines == ["line 3: not a dialogue in the training format (JSONDecodeError)"]
+    assert report.skipped_lines == [
+        "line 3: not a dialogue in the training format (JSONDecodeError)"
+    ]
     text = output.getvalue()
     assert "[d1 #2] user: Work is too much." in text
     assert "[d2 #1] MindHarbor (" in text

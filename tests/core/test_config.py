@@ -24,7 +24,9 @@ def test_default_file_loads() -> None:
 
 
 def test_environment_overrides_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = write_config(tmp_path, "generator:\n  backend: local\n  sampling:\n    temperature: 0.3\n")
+    path = write_config(
+        tmp_path, "generator:\n  backend: local\n  sampling:\n    temperature: 0.3\n"
+    )
     monkeypatch.setenv("MINDHARBOR_GENERATOR__BACKEND", "openai")
     monkeypatch.setenv("MINDHARBOR_DATABASE__URL", "postgresql+asyncpg://postgres@127.0.0.1/test")
 
@@ -82,7 +84,14 @@ def test_secrets_come_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     ("hint", "expected"),
-    [("zh", "zh-CN"), ("zh-hans", "zh-CN"), ("zh_TW", "zh-CN"), ("en-US", "en"), ("fr", "en"), (None, "en")],
+    [
+        ("zh", "zh-CN"),
+        ("zh-hans", "zh-CN"),
+        ("zh_TW", "zh-CN"),
+        ("en-US", "en"),
+        ("fr", "en"),
+        (None, "en"),
+    ],
 )
 def test_locale_hints(hint: str | None, expected: str) -> None:
     assert normalise_locale(hint) == expected

@@ -58,7 +58,9 @@ async def harness(database_url: str) -> AsyncIterator[Harness]:
     await built.engine.dispose()
 
 
-def message(text: str, *, user: str = "u1", message_id: str | None = None, **extra) -> IncomingMessage:
+def message(
+    text: str, *, user: str = "u1", message_id: str | None = None, **extra
+) -> IncomingMessage:
     return IncomingMessage(
         platform="console", chat_id="chat", user_id=user, text=text, message_id=message_id, **extra
     )
@@ -202,7 +204,9 @@ async def test_turn_after_failure_merges_unanswered_turns(harness: Harness) -> N
     assert harness.generator.calls[-1][-1] == ChatMessage("user", "first try\nsecond try")
 
 
-@pytest.mark.parametrize("text", ["", "   ", "\n\t ", "\x00\x01"], ids=["empty", "spaces", "whitespace", "controls"])
+@pytest.mark.parametrize(
+    "text", ["", "   ", "\n\t ", "\x00\x01"], ids=["empty", "spaces", "whitespace", "controls"]
+)
 async def test_empty_input_gets_note_and_is_stored(harness: Harness, text: str) -> None:
     reply = await harness.manager.handle(message(text, message_id="1"))
 
@@ -223,7 +227,9 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize(("text", "stored_text"), BAD_INPUT)
-async def test_bad_input_is_stored_and_answered(harness: Harness, text: str, stored_text: str) -> None:
+async def test_bad_input_is_stored_and_answered(
+    harness: Harness, text: str, stored_text: str
+) -> None:
     reply = await harness.manager.handle(message(text))
 
     assert reply.kind is ReplyKind.GENERATED

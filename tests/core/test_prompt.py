@@ -1,6 +1,8 @@
-"""Prompt building: system prompt first, alternating roles, newest user turn kept, budget respected."""
+"""Prompt building: system prompt first, roles alternating, newest user turn kept, within budget."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 
@@ -29,7 +31,7 @@ def assert_well_formed(messages: list[ChatMessage]) -> None:
     assert messages[0].role == "system"
     assert messages[1].role == "user"
     roles = [message.role for message in messages[1:]]
-    assert all(first != second for first, second in zip(roles, roles[1:], strict=False))
+    assert all(first != second for first, second in itertools.pairwise(roles))
     assert messages[-1].role == "user"
 
 
@@ -103,7 +105,8 @@ def test_oldest_turns_dropped_to_fit_budget() -> None:
     # As many turns as fit: adding the next older pair would overflow.
     kept = len(built.messages) - 1
     older = [ChatMessage("system", SYSTEM["en"])] + [
-        ChatMessage(turn.role, turn.content) for turn in history[-(kept + 2) :]  # type: ignore[arg-type]
+        ChatMessage(turn.role, turn.content)
+        for turn in history[-(kept + 2) :]  # type: ignore[arg-type]
     ]
     assert FakeGenerator().count_prompt_tokens(older) > prompt_builder.budget
 
@@ -112,7 +115,9 @@ def test_oversized_newest_turn_is_shortened_with_marker() -> None:
     words = " ".join(f"w{index}" for index in range(5000))
     prompt_builder = builder(context_length=200, max_new_tokens=50)
 
-    built = prompt_builder.build(turns(("user", "earlier"), ("assistant", "ok"), ("user", words)), "en")
+    built = prompt_builder.build(
+        turns(("user", "earlier"), ("assistant", "ok"), ("user", words)), "en"
+    )
 
     assert built.newest_turn_shortened
     assert len(built.messages) == 2
