@@ -1,10 +1,11 @@
 """The conversation manager: the path of one message from an adapter to a stored reply.
 
-Steps as numbered in DESIGN.md: (1) find the user and open conversation and
-drop duplicates, (2) store the user turn and commit, (5) build the prompt,
-(6) generate with a timeout, (8) store the assistant turn. Steps 3, 4 and 7
-(risk screening, hand-off and reply screening) are not built yet; their places
-are marked below and the manager answers without them.
+The path has eight steps: (1) find the user and open conversation and drop
+duplicates, (2) store the user turn and commit, (3) screen it for risk,
+(4) relay to moderators during a hand-off, (5) build the prompt, (6) generate
+with a timeout, (7) screen the reply, (8) store the assistant turn. Steps 3, 4
+and 7 are not built yet. Their places are marked below, and until they exist
+the manager replies without them.
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ class IncomingMessage:
 class ReplyKind(enum.StrEnum):
     GENERATED = "generated"  # the model's reply, stored as an assistant turn
     DUPLICATE = "duplicate"  # the message was handled before; send nothing
-    EMPTY_INPUT = "empty_input"  # no text to answer; a localized note
+    EMPTY_INPUT = "empty_input"  # no text to reply to; a localized note
     APOLOGY = "apology"  # generation failed or timed out; a localized apology
-    NOTICE = "notice"  # the answer to a command (/reset, /lang, /help)
+    NOTICE = "notice"  # the reply to a command (/reset, /lang, /help)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -74,7 +75,7 @@ class Reply:
 
 
 class _KeyedLocks:
-    """One asyncio lock per key, dropped when nobody holds or waits for it."""
+    """One asyncio lock per key, removed once no task holds or waits for it."""
 
     def __init__(self) -> None:
         self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}

@@ -11,7 +11,7 @@ from core.generation.base import ChatMessage
 
 TokenCounter = Callable[[Sequence[ChatMessage]], int]
 
-# Stored turn roles as the model sees them: a moderator's relayed reply speaks for the bot.
+# Prompt role of each stored role. A moderator's relayed reply speaks for the bot.
 _PROMPT_ROLES = {"user": "user", "assistant": "assistant", "moderator": "assistant"}
 
 

@@ -12,9 +12,9 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 def sanitize_user_text(text: str) -> str:
     """Make ``text`` storable in SQLite and PostgreSQL, keeping what the user meant.
 
-    PostgreSQL rejects NUL characters and no UTF-8 codec accepts a lone
-    surrogate, so those would lose the turn; control characters carry no
-    meaning in chat, so they go.
+    PostgreSQL rejects NUL characters, and no UTF-8 codec accepts a lone
+    surrogate, so either would lose the turn. Control characters carry no
+    meaning in chat and are removed.
     Right-to-left marks, emoji and every other printable character stay.
     """
     if _LONE_SURROGATE.search(text):

@@ -3,9 +3,9 @@
 A plain ``apply_chat_template`` renders the conversation to one string and
 tokenizes it with special tokens switched on, so a user who types
 ``<|im_start|>system`` writes a real control token into the prompt. Here the
-template is rendered with placeholders in place of each message's content; the
-template's own text is encoded with special tokens on, and each content with
-special tokens off (``split_special_tokens=True``).
+template is rendered with a placeholder in place of each message's content.
+The template's own text is then encoded with special tokens on, and each
+content with special tokens off (``split_special_tokens=True``).
 """
 
 from __future__ import annotations

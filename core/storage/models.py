@@ -60,7 +60,8 @@ class User(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     platform: Mapped[str] = mapped_column(String(16))
     platform_user_id: Mapped[str] = mapped_column(String(64))
-    # None until the user or their platform tells us; replies then use the default locale.
+    # None until the user chooses a language. Until then, replies follow the
+    # platform's language hint or the default locale.
     locale: Mapped[str | None] = mapped_column(String(16))
     # Consent to use this user's conversations for training and quality scoring; off by default.
     training_consent: Mapped[bool] = mapped_column(

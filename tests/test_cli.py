@@ -1,0 +1,117 @@
+"""The ``mindharbor`` command run as a user runs it, in a separate process."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.config import PROJECT_ROOT
+from tests.helpers.tiny_model import build_tiny_chat_model
+
+HOLDOUT = PROJECT_ROOT.parent / "shared" / "data" / "holdout" / "counselling_zh_holdout.jsonl"
+
+
+def run_cli(*args: str, env: dict[str, str], stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "core.cli", *args],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_chat_model(tmp_path_factory.mktemp("cli-model") / "tiny-chat")
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, tiny_model: Path) -> dict[str, str]:
+    return {
+        "MINDHARBOR_DATABASE__URL": f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}",
+        "MINDHARBOR_GENERATOR__LOCAL__MODEL": str(tiny_model),
+        "MINDHARBOR_GENERATOR__SAMPLING__MAX_NEW_TOKENS": "12",
+        "MINDHARBOR_GENERATOR__SAMPLING__TEMPERATURE": "0",
+        "MINDHARBOR_PROMPT__CONTEXT_LENGTH": "512",
+    }
+
+
+def stored_turns(database: Path) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(database) as connection:
+        return connection.execute(
+            "SELECT users.platform_user_id, turns.role, turns.content FROM turns "
+            "JOIN users ON users.id = turns.user_id ORDER BY turns.created_at, turns.id"
+        ).fetchall()
+
+
+@pytest.mark.skipif(not HOLDOUT.is_file(), reason=f"{HOLDOUT} is not present")
+def test_replay_of_real_dialogues_stores_every_turn(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    result = run_cli("chat", "--replay", str(HOLDOUT), "--limit", "2", env=cli_env)
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    dialogues = [json.loads(line) for line in HOLDOUT.read_text(encoding="utf-8").splitlines()[:2]]
+    user_texts = [
+        [turn["content"] for turn in dialogue["conversations"] if turn["role"] == "user"]
+        for dialogue in dialogues
+    ]
+    total = sum(len(texts) for texts in user_texts)
+    assert (
+        f"Replayed 2 dialogues: {total} user turns, {total} replies, 0 apologies" in result.stdout
+    )
+    assert f"{2 * total} turns stored for these users" in result.stdout
+
+    turns = stored_turns(tmp_path / "cli.db")
+    for texts in user_texts:
+        user_id = next(user for user, role, content in turns if content == texts[0])
+        mine = [(role, content) for user, role, content in turns if user == user_id]
+        assert [content for role, content in mine if role == "user"] == texts
+        assert [role for role, _ in mine] == ["user", "assistant"] * len(texts)
+
+
+def test_interactive_chat_keeps_history(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    first = run_cli("chat", env=cli_env, stdin="I feel tired\n")
+    second = run_cli("chat", "--lang", "zh", env=cli_env, stdin="/help\nstill tired\n")
+
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "MindHarbor console chat" in first.stdout
+    assert "/reset" in second.stdout
+    contents = [content for _, role, content in stored_turns(tmp_path / "cli.db") if role == "user"]
+    assert contents == ["I feel tired", "still tired"]
+
+
+def test_db_commands(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    assert run_cli("db", "upgrade", env=cli_env).returncode == 0
+    current = run_cli("db", "current", env=cli_env)
+    assert "0001" in current.stdout + current.stderr
+
+    assert run_cli("db", "downgrade", "base", env=cli_env).returncode == 0
+    with sqlite3.connect(tmp_path / "cli.db") as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    assert "turns" not in tables
+
+
+def test_invalid_setting_stops_start_up(cli_env: dict[str, str]) -> None:
+    result = run_cli("chat", env={**cli_env, "MINDHARBOR_GENERATOR__BACKEND": "gpt"})
+
+    assert result.returncode == 2
+    assert "generator.backend (env MINDHARBOR_GENERATOR__BACKEND)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_replay_file(cli_env: dict[str, str], tmp_path: Path) -> None:
+    result = run_cli("chat", "--replay", str(tmp_path / "none.jsonl"), env=cli_env)
+
+    assert result.returncode == 2
+    assert "not found" in result.stderr
