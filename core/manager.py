@@ -55,6 +55,7 @@ class ReplyKind(enum.StrEnum):
     EMPTY_INPUT = "empty_input"  # no text to reply to; a localized note
     APOLOGY = "apology"  # generation failed or timed out; a localized apology
     NOTICE = "notice"  # the reply to a command (/reset, /lang, /help)
+    EDIT_STORED = "edit_stored"  # an edited message stored as a new revision; send nothing
 
 
 @dataclass(slots=True, kw_only=True)
@@ -71,7 +72,8 @@ class Reply:
 
     @property
     def should_send(self) -> bool:
-        return self.kind is not ReplyKind.DUPLICATE and bool(self.text)
+        silent = (ReplyKind.DUPLICATE, ReplyKind.EDIT_STORED)
+        return self.kind not in silent and bool(self.text)
 
 
 class _KeyedLocks:
@@ -171,6 +173,61 @@ class ConversationManager:
         """Return a localized notice (help text, unknown command...) for this user."""
         locale = await self.user_locale(message)
         return Reply(kind=ReplyKind.NOTICE, text=i18n.text(key, locale, **values), locale=locale)
+
+    async def handle_edit(self, message: IncomingMessage) -> Reply:
+        """Store an edited message as a new revision of its turn, without replying again.
+
+        ``message.revision`` must differ for each edit (Telegram's edit_date
+        serves). Prompts use the newest revision in the original turn's place.
+        """
+        async with self._user_locks.hold((message.platform, message.user_id)):
+            text = sanitize_user_text(message.text)
+            try:
+                async with self._sessions.begin() as session:
+                    stored = await self._store_user_turn(session, message, text, history=False)
+            except IntegrityError:
+                return Reply(kind=ReplyKind.DUPLICATE, text="", locale=self._default_locale)
+        kind = ReplyKind.DUPLICATE if stored.duplicate else ReplyKind.EDIT_STORED
+        # Screening of the edited text (step 3) goes here.
+        return Reply(
+            kind=kind,
+            text="",
+            locale=stored.locale,
+            conversation_id=stored.conversation_id,
+            user_turn_id=stored.turn_id,
+        )
+
+    async def forget(self, message: IncomingMessage) -> Reply:
+        """Delete everything stored about the user and report what was deleted."""
+        async with self._user_locks.hold((message.platform, message.user_id)):
+            locale = await self.user_locale(message)
+            async with self._sessions.begin() as session:
+                deleted = await repository.delete_user_data(
+                    session, platform=message.platform, platform_user_id=message.user_id
+                )
+        _LOGGER.info(
+            "Deleted a %s user's data: %d turns in %d conversations",
+            message.platform,
+            deleted.turns,
+            deleted.conversations,
+        )
+        text = i18n.text(
+            "forget_done", locale, turns=deleted.turns, conversations=deleted.conversations
+        )
+        return Reply(kind=ReplyKind.NOTICE, text=text, locale=locale)
+
+    async def claim_update(self, platform: str, update_id: str) -> bool:
+        """Record a platform update id; False when it was handled before (a redelivery)."""
+        async with self._sessions.begin() as session:
+            return await repository.claim_update(session, platform=platform, update_id=update_id)
+
+    async def mark_unreachable(self, platform: str, user_id: str) -> None:
+        """Note that the platform can no longer deliver messages to this user."""
+        async with self._sessions.begin() as session:
+            await repository.set_unreachable(
+                session, platform=platform, platform_user_id=user_id, unreachable=True
+            )
+        _LOGGER.warning("A %s user is unreachable (the bot was blocked)", platform)
 
     # Private API
 
@@ -275,7 +332,7 @@ class ConversationManager:
         return reply
 
     async def _store_user_turn(
-        self, session: AsyncSession, message: IncomingMessage, text: str
+        self, session: AsyncSession, message: IncomingMessage, text: str, *, history: bool = True
     ) -> _StoredTurn:
         # One query finds a returning user and their open conversation.
         found = await repository.find_user_and_conversation(
@@ -290,7 +347,16 @@ class ConversationManager:
             )
             user_id, stored_locale, conversation_id = user.id, user.locale, None
         else:
-            user_id, stored_locale, conversation_id = found
+            user_id, stored_locale = found.user_id, found.locale
+            conversation_id = found.conversation_id
+            if found.unreachable:
+                # Writing again proves the user can be reached.
+                await repository.set_unreachable(
+                    session,
+                    platform=message.platform,
+                    platform_user_id=message.user_id,
+                    unreachable=False,
+                )
         if conversation_id is None:
             conversation = await repository.get_open_conversation(
                 session, user_id=user_id, platform_chat_id=message.chat_id
@@ -320,16 +386,12 @@ class ConversationManager:
             platform_message_id=message.message_id,
             revision=message.revision,
         )
-        history = await repository.recent_turns(
+        if not history:
+            return _StoredTurn(conversation_id, user_id, turn_id, locale, [])
+        rows = await repository.recent_turns(
             session, conversation_id=conversation_id, limit=self._history_turns
         )
-        return _StoredTurn(
-            conversation_id,
-            user_id,
-            turn_id,
-            locale,
-            [HistoryTurn(role.value, content) for role, content in history],
-        )
+        return _StoredTurn(conversation_id, user_id, turn_id, locale, _latest_revisions(rows))
 
     def _apology(self, reply: Reply, started: float) -> Reply:
         reply.kind = ReplyKind.APOLOGY
@@ -346,6 +408,24 @@ class _StoredTurn:
     locale: str
     history: list[HistoryTurn]
     duplicate: bool = False
+
+
+def _latest_revisions(rows: list[repository.TurnRow]) -> list[HistoryTurn]:
+    """Turn stored rows into history, each edited message's newest text at its first place."""
+    newest: dict[str, str] = {}
+    for row in rows:
+        if row.platform_message_id is not None and row.revision:
+            newest[row.platform_message_id] = row.content
+
+    history = []
+    for row in rows:
+        if row.revision:
+            continue
+        content = row.content
+        if row.platform_message_id is not None:
+            content = newest.get(row.platform_message_id, content)
+        history.append(HistoryTurn(row.role.value, content))
+    return history
 
 
 def _is_plain(value: object) -> bool:

@@ -67,6 +67,9 @@ class User(Base):
     training_consent: Mapped[bool] = mapped_column(
         Boolean, default=False, server_default=text("false")
     )
+    # Set when the platform reports that messages can no longer reach the user
+    # (for example a Telegram user who blocked the bot); cleared when they write again.
+    unreachable_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
@@ -138,3 +141,15 @@ class Turn(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # Generation facts for assistant turns: model, finish reason, latency, trimming.
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class ProcessedUpdate(Base):
+    """A platform update (Telegram update_id, Discord interaction id) already handled once."""
+
+    __tablename__ = "processed_updates"
+    __table_args__ = (UniqueConstraint("platform", "update_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    platform: Mapped[str] = mapped_column(String(16))
+    update_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

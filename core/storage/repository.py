@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.storage.models import Conversation, Role, Turn, User, utcnow
+from core.storage.models import Conversation, ProcessedUpdate, Role, Turn, User, utcnow
+
+
+@dataclass(frozen=True, slots=True)
+class UserConversation:
+    user_id: int
+    locale: str | None
+    unreachable: bool
+    conversation_id: int | None
 
 
 async def find_user_and_conversation(
     session: AsyncSession, *, platform: str, platform_user_id: str, platform_chat_id: str
-) -> tuple[int, str | None, int | None] | None:
-    """Return (user id, locale, open conversation id or None), or None for a new user."""
+) -> UserConversation | None:
+    """Find a returning user and their open conversation in one query; None for a new user."""
     statement = (
-        select(User.id, User.locale, Conversation.id)
+        select(User.id, User.locale, User.unreachable_at, Conversation.id)
         .outerjoin(
             Conversation,
             (Conversation.user_id == User.id)
@@ -27,7 +36,9 @@ async def find_user_and_conversation(
         .where(User.platform == platform, User.platform_user_id == platform_user_id)
     )
     row = (await session.execute(statement)).first()
-    return None if row is None else (row[0], row[1], row[2])
+    if row is None:
+        return None
+    return UserConversation(row[0], row[1], row[2] is not None, row[3])
 
 
 async def get_or_create_user(
@@ -160,17 +171,23 @@ async def insert_turn(
     return (await session.execute(statement)).scalar_one()
 
 
-async def recent_turns(
-    session: AsyncSession, *, conversation_id: int, limit: int
-) -> list[tuple[Role, str]]:
-    """Return (role, content) of the newest ``limit`` turns of a conversation, oldest first."""
+@dataclass(frozen=True, slots=True)
+class TurnRow:
+    role: Role
+    content: str
+    platform_message_id: str | None
+    revision: int
+
+
+async def recent_turns(session: AsyncSession, *, conversation_id: int, limit: int) -> list[TurnRow]:
+    """Return the newest ``limit`` turns of a conversation, oldest first."""
     statement = (
-        select(Turn.role, Turn.content)
+        select(Turn.role, Turn.content, Turn.platform_message_id, Turn.revision)
         .where(Turn.conversation_id == conversation_id)
         .order_by(Turn.created_at.desc(), Turn.id.desc())
         .limit(limit)
     )
-    rows = [(row[0], row[1]) for row in await session.execute(statement)]
+    rows = [TurnRow(*row) for row in await session.execute(statement)]
     rows.reverse()
     return rows
 
@@ -183,3 +200,58 @@ async def conversation_turns(session: AsyncSession, *, conversation_id: int) -> 
         .order_by(Turn.created_at, Turn.id)
     )
     return list((await session.execute(statement)).scalars())
+
+
+async def set_unreachable(
+    session: AsyncSession, *, platform: str, platform_user_id: str, unreachable: bool
+) -> None:
+    await session.execute(
+        update(User)
+        .where(User.platform == platform, User.platform_user_id == platform_user_id)
+        .values(unreachable_at=utcnow() if unreachable else None)
+    )
+
+
+async def claim_update(session: AsyncSession, *, platform: str, update_id: str) -> bool:
+    """Record a platform update as handled; False when it was recorded before."""
+    try:
+        async with session.begin_nested():
+            session.add(ProcessedUpdate(platform=platform, update_id=update_id))
+    except IntegrityError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class DeletedData:
+    turns: int
+    conversations: int
+
+
+async def delete_user_data(
+    session: AsyncSession, *, platform: str, platform_user_id: str
+) -> DeletedData:
+    """Delete a user with every conversation and turn of theirs; return what was deleted."""
+    user_id = (
+        await session.execute(
+            select(User.id).where(
+                User.platform == platform, User.platform_user_id == platform_user_id
+            )
+        )
+    ).scalar_one_or_none()
+    if user_id is None:
+        return DeletedData(0, 0)
+
+    turns = (
+        await session.execute(select(func.count(Turn.id)).where(Turn.user_id == user_id))
+    ).scalar_one()
+    conversations = (
+        await session.execute(
+            select(func.count(Conversation.id)).where(Conversation.user_id == user_id)
+        )
+    ).scalar_one()
+    # Explicit deletes in child-to-parent order, so SQLite needs no cascade support.
+    await session.execute(delete(Turn).where(Turn.user_id == user_id))
+    await session.execute(delete(Conversation).where(Conversation.user_id == user_id))
+    await session.execute(delete(User).where(User.id == user_id))
+    return DeletedData(turns, conversations)

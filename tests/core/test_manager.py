@@ -105,12 +105,67 @@ async def test_duplicate_message_answered_once(harness: Harness) -> None:
     assert len(await harness.turns()) == 2
 
 
-async def test_edited_message_is_a_new_revision(harness: Harness) -> None:
-    await harness.manager.handle(message("helo", message_id="7"))
-    edited = await harness.manager.handle(message("hello", message_id="7", revision=1))
+async def test_edit_stored_without_reply(harness: Harness) -> None:
+    await harness.manager.handle(message("I feel bda", message_id="7"))
+    edited = await harness.manager.handle_edit(message("I feel bad", message_id="7", revision=1))
+    again = await harness.manager.handle_edit(message("I feel bad", message_id="7", revision=1))
 
-    assert edited.kind is ReplyKind.GENERATED
-    assert [turn.revision for turn in await harness.turns() if turn.role.value == "user"] == [0, 1]
+    assert edited.kind is ReplyKind.EDIT_STORED
+    assert not edited.should_send
+    assert again.kind is ReplyKind.DUPLICATE
+    assert len(harness.generator.calls) == 1
+    users = [turn for turn in await harness.turns() if turn.role.value == "user"]
+    assert [(turn.content, turn.revision) for turn in users] == [
+        ("I feel bda", 0),
+        ("I feel bad", 1),
+    ]
+
+
+async def test_prompt_uses_newest_revision_in_place(harness: Harness) -> None:
+    await harness.manager.handle(message("I feel bda", message_id="7"))
+    await harness.manager.handle_edit(message("I feel bad", message_id="7", revision=1))
+    await harness.manager.handle(message("still", message_id="8"))
+
+    assert harness.generator.calls[-1][1:] == [
+        ChatMessage("user", "I feel bad"),
+        ChatMessage("assistant", "reply to: I feel bda"),
+        ChatMessage("user", "still"),
+    ]
+
+
+async def test_forget_deletes_and_reports(harness: Harness) -> None:
+    await harness.manager.handle(message("one"))
+    await harness.manager.reset(message("/reset"))
+    await harness.manager.handle(message("two"))
+    await harness.manager.handle(message("kept", user="someone-else"))
+
+    report = await harness.manager.forget(message("/forget"))
+
+    assert report.text.startswith("Done. I deleted 4 messages in 2 conversations.")
+    assert await harness.turns() == []
+    assert len(await harness.turns("someone-else")) == 2
+    async with harness.sessions() as session:
+        users = [user.platform_user_id for user in (await session.execute(select(User))).scalars()]
+    assert users == ["someone-else"]
+
+
+async def test_update_claimed_once(harness: Harness) -> None:
+    assert await harness.manager.claim_update("telegram", "1001")
+    assert not await harness.manager.claim_update("telegram", "1001")
+    assert await harness.manager.claim_update("discord", "1001")
+
+
+async def test_unreachable_until_user_writes(harness: Harness) -> None:
+    await harness.manager.handle(message("hi"))
+    await harness.manager.mark_unreachable("console", "u1")
+    async with harness.sessions() as session:
+        user = (await session.execute(select(User))).scalar_one()
+        assert user.unreachable_at is not None
+
+    await harness.manager.handle(message("back again"))
+    async with harness.sessions() as session:
+        user = (await session.execute(select(User))).scalar_one()
+        assert user.unreachable_at is None
 
 
 async def test_quick_messages_from_one_user_in_order(harness: Harness) -> None:
