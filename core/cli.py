@@ -131,12 +131,17 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run(settings: Settings) -> int:
-    from bots import console
+    from bots import console, runner
     from core.service import Service
 
-    # No platform adapter exists yet, so the console chat is what runs.
-    async with Service(settings, load_secrets()) as service:
-        await console.run_interactive(service, locale_hint=os.environ.get("LANG"))
+    secrets = load_secrets()
+    async with Service(settings, secrets) as service:
+        adapters = runner.configured_adapters(service, secrets)
+        if not adapters:
+            _LOGGER.info("No platform credentials are set; starting the console chat")
+            await console.run_interactive(service, locale_hint=os.environ.get("LANG"))
+            return 0
+        await runner.run_until_stopped(adapters)
     return 0
 
 

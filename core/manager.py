@@ -334,13 +334,15 @@ class ConversationManager:
     async def _store_user_turn(
         self, session: AsyncSession, message: IncomingMessage, text: str, *, history: bool = True
     ) -> _StoredTurn:
-        # One query finds a returning user and their open conversation.
         found = await repository.find_user_and_conversation(
             session,
             platform=message.platform,
             platform_user_id=message.user_id,
             platform_chat_id=message.chat_id,
+            platform_message_id=message.message_id,
+            revision=message.revision,
         )
+        seen_turn_id = None
         if found is None:
             user = await repository.get_or_create_user(
                 session, platform=message.platform, platform_user_id=message.user_id
@@ -348,7 +350,7 @@ class ConversationManager:
             user_id, stored_locale, conversation_id = user.id, user.locale, None
         else:
             user_id, stored_locale = found.user_id, found.locale
-            conversation_id = found.conversation_id
+            conversation_id, seen_turn_id = found.conversation_id, found.seen_turn_id
             if found.unreachable:
                 # Writing again proves the user can be reached.
                 await repository.set_unreachable(
@@ -364,17 +366,10 @@ class ConversationManager:
             conversation_id = conversation.id
         locale = self._locale_of(stored_locale, message.locale_hint)
 
-        if message.message_id is not None:
-            seen = await repository.find_turn_by_message(
-                session,
-                user_id=user_id,
-                platform_chat_id=message.chat_id,
-                platform_message_id=message.message_id,
-                revision=message.revision,
-            )
-            if seen is not None:
-                _LOGGER.info("Dropped duplicate message in conversation %s", conversation_id)
-                return _StoredTurn(conversation_id, user_id, seen, locale, [], duplicate=True)
+        # The same platform message (and revision) is stored once; a repeat is a redelivery.
+        if seen_turn_id is not None:
+            _LOGGER.info("Dropped duplicate message in conversation %s", conversation_id)
+            return _StoredTurn(conversation_id, user_id, seen_turn_id, locale, [], duplicate=True)
 
         turn_id = await repository.insert_turn(
             session,

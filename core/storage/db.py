@@ -54,11 +54,16 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
         )
 
     _ensure_sqlite_folder(url)
+    # SQLite has one writer at a time. Connections of one process that compete
+    # for the write lock wait in SQLite's busy handler, which sleeps in steps of
+    # up to 100 ms; sharing one connection makes them queue on the pool instead,
+    # without sleeping. Other processes still wait on busy_timeout.
     engine = create_async_engine(
         url,
         echo=settings.echo,
-        pool_size=settings.pool_size,
-        max_overflow=settings.pool_size,
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=max(30.0, settings.sqlite_busy_timeout_ms / 1000),
         connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000},
     )
     busy_timeout_ms = settings.sqlite_busy_timeout_ms

@@ -19,14 +19,39 @@ class UserConversation:
     locale: str | None
     unreachable: bool
     conversation_id: int | None
+    # The turn already stored for the platform message asked about, if any.
+    seen_turn_id: int | None
 
 
 async def find_user_and_conversation(
-    session: AsyncSession, *, platform: str, platform_user_id: str, platform_chat_id: str
+    session: AsyncSession,
+    *,
+    platform: str,
+    platform_user_id: str,
+    platform_chat_id: str,
+    platform_message_id: str | None = None,
+    revision: int = 0,
 ) -> UserConversation | None:
-    """Find a returning user and their open conversation in one query; None for a new user."""
+    """Find a returning user, their open conversation and a stored copy of the message.
+
+    One query does all three, because it runs for every message. Returns None
+    for a user never seen before.
+    """
+    seen = (
+        select(Turn.id)
+        .where(
+            Turn.user_id == User.id,
+            Turn.platform_chat_id == platform_chat_id,
+            Turn.platform_message_id == platform_message_id,
+            Turn.revision == revision,
+        )
+        .limit(1)
+        .scalar_subquery()
+        if platform_message_id is not None
+        else None
+    )
     statement = (
-        select(User.id, User.locale, User.unreachable_at, Conversation.id)
+        select(User.id, User.locale, User.unreachable_at, Conversation.id, seen)
         .outerjoin(
             Conversation,
             (Conversation.user_id == User.id)
@@ -38,7 +63,7 @@ async def find_user_and_conversation(
     row = (await session.execute(statement)).first()
     if row is None:
         return None
-    return UserConversation(row[0], row[1], row[2] is not None, row[3])
+    return UserConversation(row[0], row[1], row[2] is not None, row[3], row[4])
 
 
 async def get_or_create_user(
@@ -96,24 +121,6 @@ async def close_open_conversations(
         .values(closed_at=utcnow())
     )
     return result.rowcount or 0
-
-
-async def find_turn_by_message(
-    session: AsyncSession,
-    *,
-    user_id: int,
-    platform_chat_id: str,
-    platform_message_id: str,
-    revision: int = 0,
-) -> int | None:
-    """Return the id of the turn stored for this platform message and revision, if any."""
-    statement = select(Turn.id).where(
-        Turn.user_id == user_id,
-        Turn.platform_chat_id == platform_chat_id,
-        Turn.platform_message_id == platform_message_id,
-        Turn.revision == revision,
-    )
-    return (await session.execute(statement)).scalar_one_or_none()
 
 
 def add_turn(
@@ -214,12 +221,19 @@ async def set_unreachable(
 
 async def claim_update(session: AsyncSession, *, platform: str, update_id: str) -> bool:
     """Record a platform update as handled; False when it was recorded before."""
-    try:
-        async with session.begin_nested():
-            session.add(ProcessedUpdate(platform=platform, update_id=update_id))
-    except IntegrityError:
-        return False
-    return True
+    # One statement on both backends: the insert is skipped, not failed, on a repeat.
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    statement = (
+        dialect_insert(ProcessedUpdate)
+        .values(platform=platform, update_id=update_id, created_at=utcnow())
+        .on_conflict_do_nothing(index_elements=["platform", "update_id"])
+    )
+    result = await session.execute(statement)
+    return bool(result.rowcount)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,8 @@ class FakeGenerator(Generator):
     beyond one per character (about one per CJK character), plus four per
     message, which is enough for prompt-budget tests and costs next to nothing.
     ``fail`` makes the next calls raise, ``hang`` makes them never finish and
-    ``delay_s`` makes them slow.
+    ``delay_s`` makes them slow. ``reply`` replaces the derived reply text, and
+    ``stream_delay_s`` spaces out streamed words.
     """
 
     name = "fake"
@@ -34,6 +35,8 @@ class FakeGenerator(Generator):
         self.fail = False
         self.hang = False
         self.delay_s = 0.0
+        self.stream_delay_s = 0.0
+        self.reply: str | None = None
         self.started = False
 
     @property
@@ -73,10 +76,13 @@ class FakeGenerator(Generator):
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
 
-        text = f"reply to: {messages[-1].content[:200]}"
+        text = self.reply if self.reply is not None else f"reply to: {messages[-1].content[:200]}"
         if on_delta is not None:
-            for word in text.split(" "):
-                await on_delta(word + " ")
+            words = text.split(" ")
+            for index, word in enumerate(words):
+                await on_delta(word if index == len(words) - 1 else word + " ")
+                if self.stream_delay_s:
+                    await asyncio.sleep(self.stream_delay_s)
         return GenerationResult(
             text=text,
             finish_reason=FinishReason.STOP,
