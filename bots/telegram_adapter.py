@@ -288,6 +288,13 @@ class TelegramAdapter:
         # Channel posts have no user; other bots (and this one) are never answered.
         if user is None or user.is_bot:
             raise ApplicationHandlerStop
+
+        # Text turns and edits are stored under their message id, so the core
+        # drops a redelivered one itself; everything else is claimed here.
+        message = update.message or update.edited_message
+        is_turn = message is not None and bool(message.text or message.caption)
+        if is_turn and not (message.text or "").startswith("/"):
+            return
         if not await self._manager.claim_update(PLATFORM, str(update.update_id)):
             _LOGGER.info("Skipped update %s: handled before", update.update_id)
             raise ApplicationHandlerStop

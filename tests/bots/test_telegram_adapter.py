@@ -534,3 +534,26 @@ async def test_streaming_edits_show_reply(harness: Harness) -> None:
     edits = [call for call in harness.server.calls if call.method.lower() == "editmessagetext"]
     assert 1 <= len(edits) <= 4
     assert len(harness.server.sent_to(ALICE.id)) == 1
+
+
+async def test_two_pollers_answer_each_message_once(harness: Harness) -> None:
+    first = await harness.start_adapter()
+    second = TelegramAdapter(
+        manager=harness.service.manager,
+        settings=TelegramSettings(api_base_url=harness.server.url, poll_timeout_s=1),
+        token=harness.server.token,
+    )
+    await second.start()
+    try:
+        for index in range(6):
+            harness.server.enqueue_private_text(f"message {index}", user=ALICE)
+        replies = await harness.server.wait_for_messages(ALICE.id, 6, timeout=30)
+        await asyncio.sleep(1.5)
+    finally:
+        await second.stop()
+
+    assert first.state.value == "running"
+    assert [reply.text for reply in replies] == [f"reply to: message {index}" for index in range(6)]
+    assert len(harness.server.sent_to(ALICE.id)) == 6
+    conflicts = [call for call in harness.server.calls if call.status == 409]
+    assert conflicts, "the stand-in should have turned one poller away"
