@@ -452,6 +452,9 @@ class TelegramAdapter:
         return reply
 
     async def _keep_typing(self, chat_id: int) -> None:
+        # A reply that comes within the delay needs no indicator; this also
+        # halves the Bot API calls of a busy bot with a fast model.
+        await asyncio.sleep(self._settings.typing_delay_s)
         # Best effort: a failed typing indicator never delays or blocks the reply.
         while True:
             try:

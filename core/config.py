@@ -49,7 +49,7 @@ class DatabaseSettings(_Section):
 
 
 class SamplingSettings(_Section):
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = Field(200, ge=1)
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     repetition_penalty: float = Field(1.1, ge=1.0, le=2.0)
@@ -137,12 +137,28 @@ class TelegramSettings(_Section):
     stream_edits: bool = False
     stream_edit_interval_s: float = Field(1.0, ge=1.0)
     typing_interval_s: float = Field(4.0, gt=0)
+    # Seconds before the typing indicator starts; faster replies show none.
+    typing_delay_s: float = Field(0.5, ge=0)
     poll_timeout_s: int = Field(30, ge=0)
     max_send_attempts: int = Field(5, ge=1)
     # Users whose updates are handled at the same time (one user's updates stay in order).
     max_concurrent_updates: int = Field(256, ge=1)
     # HTTP connections for Bot API calls other than getUpdates.
     connection_pool_size: int = Field(32, ge=1)
+
+
+class DiscordSettings(_Section):
+    # REST base for tests and proxies; None keeps discord.py's own (https://discord.com/api/v10).
+    api_base_url: str | None = None
+    # Channels where every message is answered, without a mention.
+    support_channel_ids: list[int] = []
+    # Where /talk continues the conversation: a private thread, or a direct message.
+    talk_mode: Literal["thread", "dm"] = "thread"
+    # Register slash commands at every start; otherwise `mindharbor discord sync-commands`.
+    sync_commands_on_start: bool = False
+    # Guilds to register commands in (instant); empty registers them globally.
+    command_guild_ids: list[int] = []
+    typing_interval_s: float = Field(8.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -159,6 +175,7 @@ class Settings(BaseSettings):
     prompt: PromptSettings = PromptSettings()
     chat: ChatSettings = ChatSettings()
     telegram: TelegramSettings = TelegramSettings()
+    discord: DiscordSettings = DiscordSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod
@@ -183,6 +200,7 @@ class Secrets(BaseSettings):
     telegram_bot_token: SecretStr | None = Field(None, alias="TELEGRAM_BOT_TOKEN")
     # Checked on every webhook request; a random one is made at start when unset.
     telegram_webhook_secret: SecretStr | None = Field(None, alias="TELEGRAM_WEBHOOK_SECRET")
+    discord_bot_token: SecretStr | None = Field(None, alias="DISCORD_BOT_TOKEN")
 
 
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:

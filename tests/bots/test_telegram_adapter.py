@@ -334,16 +334,23 @@ async def test_rejected_markdown_resent_plain(harness: Harness) -> None:
     assert reply.text == "reply to: hello"
 
 
-async def test_typing_indicator_and_its_failure(polling: Harness) -> None:
-    server = polling.server
+async def test_typing_indicator_and_its_failure(harness: Harness) -> None:
+    await harness.start_adapter(typing_delay_s=0.1)
+    server = harness.server
     server.fail_next("sendChatAction", server_error(500))
-    polling.generator.delay_s = 0.2
+    harness.generator.delay_s = 0.4
     server.enqueue_private_text("first", user=ALICE)
     await server.wait_for_messages(ALICE.id, 1)
     server.enqueue_private_text("second", user=ALICE)
     await server.wait_for_messages(ALICE.id, 2)
+    harness.generator.delay_s = 0.0
+    server.enqueue_private_text("fast", user=ALICE)
+    await server.wait_for_messages(ALICE.id, 3)
 
+    # The first indicator failed, the second was sent, the fast reply needed none.
     assert [action.action for action in server.chat_actions] == ["typing"]
+    attempts = [call for call in server.calls if call.method.lower() == "sendchataction"]
+    assert len(attempts) == 2
 
 
 # Failures of the Bot API
