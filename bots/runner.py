@@ -35,6 +35,16 @@ def configured_adapters(service: Service, secrets: Secrets) -> list[Adapter]:
                 webhook_secret=webhook_secret.get_secret_value() if webhook_secret else None,
             )
         )
+    if secrets.discord_bot_token is not None:
+        from bots.discord_adapter import DiscordAdapter
+
+        adapters.append(
+            DiscordAdapter(
+                manager=service.manager,
+                settings=service.settings.discord,
+                token=secrets.discord_bot_token.get_secret_value(),
+            )
+        )
     return adapters
 
 

@@ -69,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "run", help="start every adapter whose credentials are set (console chat when none is)"
     )
+
+    discord_parser = commands.add_parser("discord", help="Discord administration")
+    discord_commands = discord_parser.add_subparsers(
+        dest="discord_command", required=True, metavar="ACTION"
+    )
+    sync = discord_commands.add_parser(
+        "sync-commands", help="register the slash commands with Discord (needs DISCORD_BOT_TOKEN)"
+    )
+    sync.add_argument(
+        "--guild",
+        type=int,
+        action="append",
+        help="register in this guild only (repeatable); default: discord.command_guild_ids, "
+        "or globally",
+    )
     return parser
 
 
@@ -90,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_chat(args, settings))
         if args.command == "run":
             return asyncio.run(_run(settings))
+        if args.command == "discord":
+            return asyncio.run(_discord_sync(args, settings))
     except ConfigError as exc:
         print(f"mindharbor: {exc}", file=sys.stderr)
         return 2
@@ -142,6 +159,25 @@ async def _run(settings: Settings) -> int:
             await console.run_interactive(service, locale_hint=os.environ.get("LANG"))
             return 0
         await runner.run_until_stopped(adapters)
+    return 0
+
+
+async def _discord_sync(args: argparse.Namespace, settings: Settings) -> int:
+    from bots.discord_adapter import DiscordAdapter
+
+    secrets = load_secrets()
+    if secrets.discord_bot_token is None:
+        print("mindharbor: DISCORD_BOT_TOKEN is not set", file=sys.stderr)
+        return 2
+    if args.guild:
+        settings.discord.command_guild_ids = args.guild
+    adapter = DiscordAdapter(
+        manager=None,
+        settings=settings.discord,
+        token=secrets.discord_bot_token.get_secret_value(),
+    )
+    names = await adapter.login_and_sync()
+    print(f"Registered {len(names)} commands: {', '.join(names)}")
     return 0
 
 

@@ -148,8 +148,12 @@ class TelegramSettings(_Section):
 
 
 class DiscordSettings(_Section):
-    # REST base for tests and proxies; None keeps discord.py's own (https://discord.com/api/v10).
+    # REST base and gateway websocket URL for tests and proxies; None keeps
+    # discord.py's own (https://discord.com/api/v10 and wss://gateway.discord.gg/).
     api_base_url: str | None = None
+    gateway_url: str | None = None
+    # Seconds discord.py waits for the servers' data before the bot counts as ready.
+    guild_ready_timeout_s: float = Field(2.0, ge=0)
     # Channels where every message is answered, without a mention.
     support_channel_ids: list[int] = []
     # Where /talk continues the conversation: a private thread, or a direct message.

@@ -1,0 +1,476 @@
+"""The Discord adapter: discord.py events and slash commands in, ConversationManager replies out.
+
+Direct messages are always answered; in servers the bot answers when it is
+mentioned, in configured support channels, and in the private thread that
+/talk opens. A person's history is keyed by platform and user only, so it
+follows them between direct messages, threads and servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import re
+from collections.abc import AsyncIterator, Hashable
+from typing import Any
+
+import discord
+import yarl
+from discord import app_commands
+
+from bots.rendering import MarkdownFlavor, split_message
+from core import i18n
+from core.config import DiscordSettings
+from core.manager import ConversationManager, IncomingMessage, Reply
+
+_LOGGER = logging.getLogger(__name__)
+
+PLATFORM = "discord"
+MESSAGE_LIMIT = 2000
+# One conversation per person on Discord, whatever the server or channel.
+CHAT_ID = "discord"
+
+_PORTAL_HINT = (
+    "Open https://discord.com/developers/applications, choose this bot's application, "
+    "go to Bot > Privileged Gateway Intents, turn on MESSAGE CONTENT INTENT and save; "
+    "then start MindHarbor again."
+)
+
+
+class MessageContentIntentMissing(RuntimeError):
+    """The application may not read message content, so every message would look empty."""
+
+
+class AdapterState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+# Command descriptions per locale, as Discord shows them in the command picker.
+_DESCRIPTIONS = {
+    "talk": ("Talk privately with MindHarbor", "与 MindHarbor 私下聊聊"),
+    "reset": ("Start a new conversation", "开始新的对话"),
+    "lang": ("Choose the language MindHarbor replies in", "选择 MindHarbor 回复的语言"),
+    "forget": (
+        "Delete everything MindHarbor stored about you",
+        "删除 MindHarbor 保存的关于你的全部内容",
+    ),
+    "help": ("How to use MindHarbor", "MindHarbor 使用说明"),
+    "talk.message": ("What you would like to say (optional)", "你想说的话（可选）"),
+    "lang.language": ("zh or en", "zh 或 en"),
+}
+
+
+class _Translator(app_commands.Translator):
+    async def translate(
+        self,
+        string: app_commands.locale_str,
+        locale: discord.Locale,
+        context: app_commands.TranslationContextTypes,
+    ) -> str | None:
+        key = string.extras.get("key")
+        if key not in _DESCRIPTIONS or locale is not discord.Locale.chinese:
+            return None
+        return _DESCRIPTIONS[key][1]
+
+
+def _described(key: str) -> app_commands.locale_str:
+    return app_commands.locale_str(_DESCRIPTIONS[key][0], key=key)
+
+
+class _KeyedLocks:
+    """One lock per person, so one person's messages are answered in order."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        lock, holders = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, holders + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, holders = self._locks[key]
+            if holders == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, holders - 1)
+
+
+class DiscordAdapter:
+    """Run one Discord bot against the conversation manager."""
+
+    def __init__(
+        self, *, manager: ConversationManager | None, settings: DiscordSettings, token: str
+    ) -> None:
+        # ``manager`` may be None only for login_and_sync(), which answers nothing.
+        self._manager: ConversationManager = manager  # type: ignore[assignment]
+        self._settings = settings
+        self._token = token
+        self._order = _KeyedLocks()
+        self._client: discord.Client | None = None
+        self._tree: app_commands.CommandTree | None = None
+        self._gateway: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self.state = AdapterState.CREATED
+
+    # Lifecycle
+
+    async def __aenter__(self) -> DiscordAdapter:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def client(self) -> discord.Client:
+        if self._client is None:
+            raise RuntimeError("The Discord adapter is not running; call start() first.")
+        return self._client
+
+    async def _login(self) -> discord.Client:
+        # discord.py keeps both addresses as class attributes, so they apply process-wide.
+        if self._settings.api_base_url:
+            discord.http.Route.BASE = self._settings.api_base_url.rstrip("/")
+        if self._settings.gateway_url:
+            discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(self._settings.gateway_url)
+
+        intents = discord.Intents.none()
+        intents.guilds = True
+        intents.guild_messages = True
+        intents.dm_messages = True
+        intents.message_content = True
+        client = discord.Client(
+            intents=intents,
+            allowed_mentions=discord.AllowedMentions.none(),
+            guild_ready_timeout=self._settings.guild_ready_timeout_s,
+        )
+        self._client = client
+        self._tree = app_commands.CommandTree(client)
+        self._register_events(client)
+        self._register_commands(self._tree)
+        await self._tree.set_translator(_Translator())
+        # Logging in fetches the application, whose flags say whether content may be read.
+        await client.login(self._token)
+        return client
+
+    async def login_and_sync(self) -> list[str]:
+        """Register the slash commands without connecting to the gateway, then log out."""
+        client = await self._login()
+        try:
+            return await self.sync_commands()
+        finally:
+            await client.close()
+
+    async def start(self) -> None:
+        if self.state is AdapterState.RUNNING:
+            _LOGGER.debug("Discord adapter already running")
+            return
+        client = await self._login()
+        self._check_message_content_flag(client)
+        if self._settings.sync_commands_on_start:
+            await self.sync_commands()
+
+        self._ready.clear()
+        self._gateway = asyncio.create_task(client.connect(reconnect=True), name="Discord:gateway")
+        ready = asyncio.create_task(self._ready.wait(), name="Discord:ready")
+        done, _ = await asyncio.wait({self._gateway, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if self._gateway in done:
+            ready.cancel()
+            error = self._gateway.exception()
+            await client.close()
+            if isinstance(error, discord.PrivilegedIntentsRequired):
+                raise MessageContentIntentMissing(
+                    "Discord refused the connection because the bot asks for the message "
+                    f"content intent, which is not enabled for it. {_PORTAL_HINT}"
+                ) from error
+            raise RuntimeError("The Discord gateway closed before the bot was ready") from error
+        self.state = AdapterState.RUNNING
+        _LOGGER.info("Discord adapter connected as %s", client.user)
+
+    async def stop(self) -> None:
+        if self.state is not AdapterState.RUNNING:
+            return
+        self.state = AdapterState.STOPPED
+        await self.client.close()
+        if self._gateway is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gateway
+        _LOGGER.info("Discord adapter stopped")
+
+    async def sync_commands(self) -> list[str]:
+        """Register the slash commands with Discord (globally or in the configured guilds)."""
+        assert self._tree is not None
+        names: list[str] = []
+        if self._settings.command_guild_ids:
+            for guild_id in self._settings.command_guild_ids:
+                guild = discord.Object(id=guild_id)
+                self._tree.copy_global_to(guild=guild)
+                names = [command.name for command in await self._tree.sync(guild=guild)]
+        else:
+            names = [command.name for command in await self._tree.sync()]
+        _LOGGER.info("Registered Discord commands: %s", ", ".join(names))
+        return names
+
+    def _check_message_content_flag(self, client: discord.Client) -> None:
+        if client.application is None:
+            return
+        flags = client.application.flags
+        if not (flags.gateway_message_content or flags.gateway_message_content_limited):
+            raise MessageContentIntentMissing(
+                "This Discord application may not read message content, so every message "
+                f"would reach MindHarbor empty. {_PORTAL_HINT}"
+            )
+
+    # Events
+
+    def _register_events(self, client: discord.Client) -> None:
+        @client.event
+        async def on_ready() -> None:
+            self._ready.set()
+
+        @client.event
+        async def on_message(message: discord.Message) -> None:
+            await self._on_message(message)
+
+        @client.event
+        async def on_message_edit(before: discord.Message, after: discord.Message) -> None:
+            await self._on_message_edit(after)
+
+    def _is_addressed(self, message: discord.Message) -> bool:
+        if message.guild is None:
+            return True
+        me = self.client.user
+        channel = message.channel
+        if isinstance(channel, discord.Thread) and me is not None and channel.owner_id == me.id:
+            return True
+        if channel.id in self._settings.support_channel_ids:
+            return True
+        return me is not None and me in message.mentions
+
+    def _clean_text(self, message: discord.Message) -> str:
+        me = self.client.user
+        text = message.content
+        if me is not None:
+            text = re.sub(rf"<@!?{me.id}>", " ", text)
+        return " ".join(text.split(" ")).strip()
+
+    async def _on_message(self, message: discord.Message) -> None:
+        # The bot itself and every other bot are ignored, attachments or not.
+        if message.author.bot or not self._is_addressed(message):
+            return
+        async with self._order.hold(message.author.id):
+            text = self._clean_text(message)
+            if not text:
+                if message.attachments or message.stickers or message.embeds:
+                    locale = await self._manager.user_locale(self._incoming(message.author, ""))
+                    await self._send(message.channel, i18n.text("text_only", locale))
+                return
+            incoming = self._incoming(message.author, text, message_id=str(message.id))
+            reply = await self._answer_with_typing(message.channel, incoming)
+            if reply.should_send:
+                await self._send(message.channel, reply.text)
+
+    async def _on_message_edit(self, message: discord.Message) -> None:
+        if message.author.bot or not self._is_addressed(message):
+            return
+        edited_at = message.edited_at
+        text = self._clean_text(message)
+        if edited_at is None or not text:
+            return
+        async with self._order.hold(message.author.id):
+            incoming = self._incoming(
+                message.author,
+                text,
+                message_id=str(message.id),
+                revision=int(edited_at.timestamp() * 1000),
+            )
+            await self._manager.handle_edit(incoming)
+
+    # Slash commands
+
+    def _register_commands(self, tree: app_commands.CommandTree) -> None:
+        adapter = self
+
+        @tree.command(name="talk", description=_described("talk"))
+        @app_commands.describe(message=_described("talk.message"))
+        async def talk(interaction: discord.Interaction, message: str | None = None) -> None:
+            await adapter._on_talk(interaction, message)
+
+        @tree.command(name="reset", description=_described("reset"))
+        async def reset(interaction: discord.Interaction) -> None:
+            await adapter._on_simple_command(interaction, "reset")
+
+        @tree.command(name="lang", description=_described("lang"))
+        @app_commands.describe(language=_described("lang.language"))
+        @app_commands.choices(
+            language=[
+                app_commands.Choice(name="中文", value="zh"),
+                app_commands.Choice(name="English", value="en"),
+            ]
+        )
+        async def lang(interaction: discord.Interaction, language: str) -> None:
+            await adapter._on_simple_command(interaction, "lang", language)
+
+        @tree.command(name="forget", description=_described("forget"))
+        async def forget(interaction: discord.Interaction) -> None:
+            await adapter._on_forget(interaction)
+
+        @tree.command(name="help", description=_described("help"))
+        async def help_command(interaction: discord.Interaction) -> None:
+            await adapter._on_simple_command(interaction, "help")
+
+    async def _on_simple_command(
+        self, interaction: discord.Interaction, name: str, argument: str = ""
+    ) -> None:
+        # Deferring first keeps a slow database from running past Discord's 3 s deadline.
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        incoming = self._incoming(interaction.user, f"/{name}", locale=interaction.locale)
+        async with self._order.hold(interaction.user.id):
+            if name == "reset":
+                reply = await self._manager.reset(incoming)
+            elif name == "lang":
+                reply = await self._manager.set_locale(incoming, argument)
+            else:
+                reply = await self._manager.notice(incoming, "discord_help")
+        await interaction.followup.send(
+            reply.text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none()
+        )
+
+    async def _on_talk(self, interaction: discord.Interaction, first_message: str | None) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        user = interaction.user
+        incoming = self._incoming(user, "", locale=interaction.locale)
+        locale = await self._manager.user_locale(incoming)
+
+        place = await self._open_private_place(interaction)
+        await self._send(place, i18n.text("talk_opened", locale, mention=user.mention))
+        if interaction.guild is not None:
+            await interaction.followup.send(
+                i18n.text("talk_moved", locale, place=getattr(place, "mention", "")),
+                ephemeral=True,
+                allowed_mentions=discord.AllowedMentions.none(),
+            )
+        else:
+            await interaction.followup.send(
+                i18n.text("talk_here", locale),
+                ephemeral=True,
+                allowed_mentions=discord.AllowedMentions.none(),
+            )
+
+        if first_message and first_message.strip():
+            async with self._order.hold(user.id):
+                message = self._incoming(
+                    user,
+                    first_message,
+                    message_id=f"interaction:{interaction.id}",
+                    locale=interaction.locale,
+                )
+                reply = await self._answer_with_typing(place, message)
+                if reply.should_send:
+                    await self._send(place, reply.text)
+
+    async def _open_private_place(self, interaction: discord.Interaction) -> Any:
+        user = interaction.user
+        channel = interaction.channel
+        if interaction.guild is None or channel is None:
+            return channel if channel is not None else await user.create_dm()
+        if self._settings.talk_mode == "dm" or not isinstance(channel, discord.TextChannel):
+            return await user.create_dm()
+
+        thread = await channel.create_thread(
+            name=f"MindHarbor · {user.display_name}"[:100],
+            type=discord.ChannelType.private_thread,
+            invitable=False,
+            auto_archive_duration=1440,
+        )
+        await thread.add_user(user)
+        return thread
+
+    async def _on_forget(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        incoming = self._incoming(interaction.user, "/forget", locale=interaction.locale)
+        locale = await self._manager.user_locale(incoming)
+        view = _ForgetView(self, incoming, locale)
+        await interaction.followup.send(
+            i18n.text("forget_confirm", locale), view=view, ephemeral=True
+        )
+
+    # Helpers
+
+    def _incoming(
+        self,
+        user: discord.abc.User,
+        text: str,
+        *,
+        message_id: str | None = None,
+        revision: int = 0,
+        locale: discord.Locale | None = None,
+    ) -> IncomingMessage:
+        return IncomingMessage(
+            platform=PLATFORM,
+            chat_id=CHAT_ID,
+            user_id=str(user.id),
+            text=text,
+            locale_hint=str(locale) if locale is not None else None,
+            message_id=message_id,
+            revision=revision,
+        )
+
+    async def _answer_with_typing(self, channel: Any, incoming: IncomingMessage) -> Reply:
+        typing = asyncio.create_task(self._keep_typing(channel), name="Discord:typing")
+        try:
+            return await self._manager.handle(incoming)
+        finally:
+            typing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await typing
+
+    async def _keep_typing(self, channel: Any) -> None:
+        # Best effort: a failed typing indicator never delays the reply.
+        while True:
+            try:
+                await channel.typing()
+            except discord.HTTPException as exc:
+                _LOGGER.debug("Typing indicator failed: %s", exc)
+            await asyncio.sleep(self._settings.typing_interval_s)
+
+    async def _send(self, channel: Any, text: str) -> None:
+        """Send ``text`` in 2000-character chunks, in order, never pinging anyone."""
+        for chunk in split_message(text, MESSAGE_LIMIT, markdown=MarkdownFlavor.DISCORD):
+            await channel.send(chunk, allowed_mentions=discord.AllowedMentions.none())
+
+
+class _ForgetView(discord.ui.View):
+    """The confirmation buttons of /forget."""
+
+    def __init__(self, adapter: DiscordAdapter, incoming: IncomingMessage, locale: str) -> None:
+        super().__init__(timeout=300)
+        self._adapter = adapter
+        self._incoming = incoming
+        yes = discord.ui.Button(
+            label=i18n.text("forget_yes", locale), style=discord.ButtonStyle.danger
+        )
+        no = discord.ui.Button(
+            label=i18n.text("forget_no", locale), style=discord.ButtonStyle.secondary
+        )
+        yes.callback = self._confirm
+        no.callback = self._cancel
+        self.add_item(yes)
+        self.add_item(no)
+
+    async def _confirm(self, interaction: discord.Interaction) -> None:
+        reply = await self._adapter._manager.forget(self._incoming)
+        await interaction.response.edit_message(content=reply.text, view=None)
+        self.stop()
+
+    async def _cancel(self, interaction: discord.Interaction) -> None:
+        reply = await self._adapter._manager.notice(self._incoming, "forget_cancelled")
+        await interaction.response.edit_message(content=reply.text, view=None)
+        self.stop()
