@@ -13,7 +13,6 @@ import contextlib
 import enum
 import logging
 import re
-from collections.abc import AsyncIterator, Hashable
 from typing import Any
 
 import discord
@@ -23,6 +22,7 @@ from discord import app_commands
 from bots.rendering import MarkdownFlavor, split_message
 from core import i18n
 from core.config import DiscordSettings
+from core.locks import KeyedLocks
 from core.manager import ConversationManager, IncomingMessage, Reply
 
 _LOGGER = logging.getLogger(__name__)
@@ -81,27 +81,6 @@ def _described(key: str) -> app_commands.locale_str:
     return app_commands.locale_str(_DESCRIPTIONS[key][0], key=key)
 
 
-class _KeyedLocks:
-    """One lock per person, so one person's messages are answered in order."""
-
-    def __init__(self) -> None:
-        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: Hashable) -> AsyncIterator[None]:
-        lock, holders = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, holders + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, holders = self._locks[key]
-            if holders == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, holders - 1)
-
-
 class DiscordAdapter:
     """Run one Discord bot against the conversation manager."""
 
@@ -112,7 +91,7 @@ class DiscordAdapter:
         self._manager: ConversationManager = manager  # type: ignore[assignment]
         self._settings = settings
         self._token = token
-        self._order = _KeyedLocks()
+        self._order = KeyedLocks()
         self._client: discord.Client | None = None
         self._tree: app_commands.CommandTree | None = None
         self._gateway: asyncio.Task[None] | None = None

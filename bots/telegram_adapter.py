@@ -53,6 +53,7 @@ from telegram.warnings import PTBDeprecationWarning
 from bots.rendering import MarkdownFlavor, split_message, to_markdown_v2
 from core import i18n
 from core.config import TelegramSettings
+from core.locks import KeyedLocks
 from core.manager import ConversationManager, IncomingMessage, Reply, ReplyKind
 
 _LOGGER = logging.getLogger(__name__)
@@ -100,21 +101,11 @@ class PerUserUpdateProcessor(BaseUpdateProcessor):
 
     def __init__(self, max_concurrent_updates: int) -> None:
         super().__init__(max_concurrent_updates)
-        self._locks: dict[object, tuple[asyncio.Lock, int]] = {}
+        self._locks = KeyedLocks()
 
     async def do_process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
-        key = _order_key(update)
-        lock, holders = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, holders + 1)
-        try:
-            async with lock:
-                await coroutine
-        finally:
-            lock, holders = self._locks[key]
-            if holders == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, holders - 1)
+        async with self._locks.hold(_order_key(update)):
+            await coroutine
 
     async def initialize(self) -> None:
         """Nothing to set up."""

@@ -14,8 +14,6 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Hashable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +24,7 @@ from core import i18n
 from core.config import SUPPORTED_LOCALES, normalise_locale
 from core.errors import GenerationError
 from core.generation.base import DeltaCallback, Generator, SamplingParams
+from core.locks import KeyedLocks
 from core.prompt import HistoryTurn, PromptBuilder
 from core.storage import repository
 from core.storage.models import Role
@@ -76,30 +75,6 @@ class Reply:
         return self.kind not in silent and bool(self.text)
 
 
-class _KeyedLocks:
-    """One asyncio lock per key, removed once no task holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
-
-    @asynccontextmanager
-    async def hold(self, key: Hashable) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
-    def __len__(self) -> int:
-        return len(self._locks)
-
-
 class ConversationManager:
     """Answer messages in order per user and concurrently across users, storing every turn."""
 
@@ -121,7 +96,7 @@ class ConversationManager:
         self._timeout_s = timeout_s
         self._history_turns = history_turns
         self._default_locale = default_locale
-        self._user_locks = _KeyedLocks()
+        self._user_locks = KeyedLocks()
 
     # Public API
 
