@@ -19,21 +19,17 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from e2e_load import collect_replies, describe, serve_until_stdin_closes
 
 from tests.helpers.discord_standin import DiscordStandin, DiscordUser
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
-
 
 # The child process: stand-in server and load.
 
@@ -66,36 +62,13 @@ async def drive_load(users: int, messages: int) -> None:
                 await server.send_message_create(channel, person, f"message {round_number}")
                 queued[channel].append(time.perf_counter())
 
-        total = users * messages
-        latencies: list[float] = []
-        answered = dict.fromkeys(queued, 0)
-        seen = 0
-        deadline = started + 300
-        while seen < total and time.perf_counter() < deadline:
-            replies = [message for message in server.messages if message.author.id == bot_id]
-            now = time.perf_counter()
-            for message in replies[seen:]:
-                index = answered[message.channel_id]
-                latencies.append(now - queued[message.channel_id][index])
-                answered[message.channel_id] = index + 1
-            seen = len(replies)
-            await asyncio.sleep(0.002)
-        elapsed = time.perf_counter() - started
-
-        print(
-            json.dumps(
-                {
-                    "replies": seen,
-                    "total": total,
-                    "elapsed": elapsed,
-                    "p50": statistics.median(latencies) if latencies else None,
-                    "p99": percentile(latencies, 0.99) if latencies else None,
-                }
-            ),
-            flush=True,
+        await collect_replies(
+            lambda: [m for m in server.messages if m.author.id == bot_id],
+            lambda message: message.channel_id,
+            queued,
+            started,
         )
-        # Keep serving until the bot has disconnected, which closes stdin.
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        await serve_until_stdin_closes()
 
 
 # The parent process: the bot.
@@ -144,13 +117,7 @@ async def run_bot(users: int, messages: int) -> None:
     child.stdin.close()
     await child.wait()
 
-    rate = result["replies"] / result["elapsed"]
-    print(
-        f"{users} users x {messages} messages: {result['replies']} of {result['total']} replies "
-        f"in {result['elapsed']:.2f} s, {rate:.0f} messages/s; "
-        f"latency p50 {result['p50'] * 1000:.0f} ms, p99 {result['p99'] * 1000:.0f} ms "
-        "(target: at least 200 messages/s)"
-    )
+    print(describe(users, messages, result))
 
 
 def main() -> None:

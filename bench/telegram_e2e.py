@@ -19,21 +19,17 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from e2e_load import collect_replies, describe, serve_until_stdin_closes
 
 from tests.helpers.telegram_standin import TelegramStandin, TgUser
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
-
 
 # The child process: stand-in server and load.
 
@@ -52,36 +48,8 @@ async def drive_load(users: int, messages: int) -> None:
                 server.enqueue_private_text(f"message {round_number}", user=person)
                 queued[person.id].append(time.perf_counter())
 
-        total = users * messages
-        latencies: list[float] = []
-        answered = dict.fromkeys(queued, 0)
-        seen = 0
-        deadline = started + 300
-        while seen < total and time.perf_counter() < deadline:
-            sent = server.sent
-            now = time.perf_counter()
-            for message in sent[seen:]:
-                index = answered[message.chat_id]
-                latencies.append(now - queued[message.chat_id][index])
-                answered[message.chat_id] = index + 1
-            seen = len(sent)
-            await asyncio.sleep(0.002)
-        elapsed = time.perf_counter() - started
-
-        print(
-            json.dumps(
-                {
-                    "replies": seen,
-                    "total": total,
-                    "elapsed": elapsed,
-                    "p50": statistics.median(latencies) if latencies else None,
-                    "p99": percentile(latencies, 0.99) if latencies else None,
-                }
-            ),
-            flush=True,
-        )
-        # Keep serving until the bot has stopped polling, which closes stdin.
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        await collect_replies(lambda: server.sent, lambda message: message.chat_id, queued, started)
+        await serve_until_stdin_closes()
 
 
 # The parent process: the bot.
@@ -126,13 +94,7 @@ async def run_bot(users: int, messages: int) -> None:
     child.stdin.close()
     await child.wait()
 
-    rate = result["replies"] / result["elapsed"]
-    print(
-        f"{users} users x {messages} messages: {result['replies']} of {result['total']} replies "
-        f"in {result['elapsed']:.2f} s, {rate:.0f} messages/s; "
-        f"latency p50 {result['p50'] * 1000:.0f} ms, p99 {result['p99'] * 1000:.0f} ms "
-        "(target: at least 200 messages/s)"
-    )
+    print(describe(users, messages, result))
 
 
 def main() -> None:
