@@ -29,6 +29,8 @@ test: install
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/core_overhead.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/generation.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/telegram_e2e.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/discord_e2e.py
 
 lint: install
 	$(BIN)/ruff check .
