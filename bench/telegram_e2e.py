@@ -8,6 +8,10 @@ moment an update is queued at the stand-in until the reply is recorded there,
 so it includes polling, the adapter, the core and the sendMessage round trip.
 Target: at least 200 messages per second on SQLite.
 
+NOTE: on 2 x86_64 cores this measured 103 (Telegram) and 172 (Discord)
+messages per second on 2026-12-04, below the target; see the README's
+performance section for the cause.
+
     python bench/telegram_e2e.py [--users 200] [--messages 5]
 """
 
