@@ -403,7 +403,7 @@ class TelegramAdapter:
         )
 
     def _addressed_text(self, message: Message, text: str) -> tuple[bool, str]:
-        """Whether a group message is meant for the bot, and its text without the mention."""
+        """Return whether a group message is meant for the bot, and its text without the mention."""
         replied = message.reply_to_message
         addressed = bool(
             replied is not None
