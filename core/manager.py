@@ -23,7 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from core import i18n
 from core.config import SUPPORTED_LOCALES, normalise_locale
 from core.errors import GenerationError
-from core.generation.base import DeltaCallback, Generator, SamplingParams
+from core.generation.base import DeltaCallback, FinishReason, Generator, SamplingParams
+from core.generation.postprocess import end_at_sentence
 from core.locks import KeyedLocks
 from core.prompt import HistoryTurn, PromptBuilder
 from core.storage import repository
@@ -265,6 +266,9 @@ class ConversationManager:
             _LOGGER.exception("Generation crashed for conversation %s", stored.conversation_id)
             return self._apology(reply, started)
 
+        if result.finish_reason is FinishReason.LENGTH:
+            # A reply cut by max_new_tokens stops mid-sentence; end it at the last full one.
+            result.text = end_at_sentence(result.text)
         if not result.text.strip():
             _LOGGER.warning("Empty reply for conversation %s", stored.conversation_id)
             return self._apology(reply, started)

@@ -75,6 +75,20 @@ def trim_repetition(text: str, *, min_key_bytes: int = 5) -> tuple[str, bool]:
     return text, False
 
 
+def end_at_sentence(text: str, *, min_kept: float = 0.5) -> str:
+    """Drop an unfinished last sentence, as a reply cut by the token limit has.
+
+    The text is kept whole when no sentence end lies in its last half, so a
+    reply with one long sentence is not reduced to almost nothing.
+    """
+    pieces = _sentences(text)
+    if len(pieces) < 2:
+        return text
+    last_start = pieces[-1][0]
+    kept = text[:last_start].rstrip()
+    return kept if len(kept) >= len(text) * min_kept else text
+
+
 def clean_reply(text: str, markers: Sequence[str]) -> CleanedReply:
     """Apply every clean-up step to a finished reply."""
     text, cut = cut_at_markers(text, markers)

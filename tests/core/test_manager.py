@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from core.config import DatabaseSettings
-from core.generation.base import ChatMessage, SamplingParams
+from core.generation.base import ChatMessage, FinishReason, SamplingParams
 from core.manager import ConversationManager, IncomingMessage, ReplyKind
 from core.prompt import PromptBuilder
 from core.storage import db
@@ -327,3 +327,19 @@ async def test_long_history_reads_only_a_window(harness: Harness) -> None:
     # history_turns=20 bounds what is read, whatever the budget allows.
     assert len(prompt) - 1 <= 20
     assert len(await harness.turns()) == 60
+
+
+async def test_reply_cut_by_length_ends_at_sentence(harness: Harness) -> None:
+    original = harness.generator.generate
+
+    async def cut_generate(*args, **kwargs):
+        result = await original(*args, **kwargs)
+        result.text = "That sounds exhausting. Sleep matters a lot. You could try to"
+        result.finish_reason = FinishReason.LENGTH
+        return result
+
+    harness.generator.generate = cut_generate  # type: ignore[method-assign]
+    reply = await harness.manager.handle(message("I can't sleep"))
+
+    assert reply.text == "That sounds exhausting. Sleep matters a lot."
+    assert (await harness.turns())[-1].content == reply.text

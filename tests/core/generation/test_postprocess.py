@@ -9,6 +9,7 @@ from core.generation.postprocess import (
     clean_reply,
     cut_at_markers,
     defuse_markers,
+    end_at_sentence,
     trim_repetition,
 )
 
@@ -104,3 +105,28 @@ def test_stream_guard_releases_held_prefix() -> None:
 
     assert first + second + rest == "a < b c <"
     assert not guard.stopped
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            "I hear you. Sleep has been hard for weeks. You can choose yourself",
+            "I hear you. Sleep has been hard for weeks.",
+            id="unfinished-last-sentence",
+        ),
+        pytest.param(
+            "我明白你的感受。失眠真的很难受。你可以试着",
+            "我明白你的感受。失眠真的很难受。",
+            id="chinese",
+        ),
+        pytest.param(
+            "One short. Then a very long unfinished sentence that goes on and on and on",
+            "One short. Then a very long unfinished sentence that goes on and on and on",
+            id="too-little-left",
+        ),
+        pytest.param("no sentence end at all", "no sentence end at all", id="single-piece"),
+    ],
+)
+def test_end_at_sentence(text: str, expected: str) -> None:
+    assert end_at_sentence(text) == expected
