@@ -275,3 +275,26 @@ async def test_missing_message_content_intent(tmp_path: Path) -> None:
                 with pytest.raises(MessageContentIntentMissing, match="MESSAGE CONTENT INTENT"):
                     await adapter.start()
                 await adapter.client.close()
+
+
+async def test_streaming_edits_show_reply(harness: Harness) -> None:
+    await harness.start_adapter(stream_edits=True, stream_edit_interval_s=1.0)
+    harness.generator.reply = " ".join(f"word{index}" for index in range(30))
+    harness.generator.stream_delay_s = 0.08
+    dm = harness.server.create_dm_channel(DEFAULT_USER)
+    await harness.server.send_message_create(dm.id, DEFAULT_USER, "stream please")
+
+    [message] = await replies_in(harness, dm.id, 1)
+    await harness.server.wait_for(
+        lambda: message.content == harness.generator.reply,
+        timeout=10,
+        description="the streamed message to show the whole reply",
+    )
+    await asyncio.sleep(0.3)
+
+    assert 1 <= len(message.edits) <= 4
+    assert len(await replies_in(harness, dm.id, 1)) == 1
+    assert await harness.user_turns(DEFAULT_USER.id) == [
+        ("user", "stream please"),
+        ("assistant", harness.generator.reply),
+    ]
