@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import re
 from typing import Any
@@ -20,6 +19,7 @@ import yarl
 from discord import app_commands
 
 from bots.rendering import MarkdownFlavor, split_message
+from bots.runner import AdapterState
 from core import i18n
 from core.config import DiscordSettings
 from core.locks import KeyedLocks
@@ -41,12 +41,6 @@ _PORTAL_HINT = (
 
 class MessageContentIntentMissing(RuntimeError):
     """The application may not read message content, so every message would look empty."""
-
-
-class AdapterState(enum.Enum):
-    CREATED = "created"
-    RUNNING = "running"
-    STOPPED = "stopped"
 
 
 # Command descriptions per locale, as Discord shows them in the command picker.
@@ -376,7 +370,7 @@ class DiscordAdapter:
         await interaction.response.defer(ephemeral=True, thinking=True)
         incoming = self._incoming(interaction.user, "/forget", locale=interaction.locale)
         locale = await self._manager.user_locale(incoming)
-        view = _ForgetView(self, incoming, locale)
+        view = _ForgetView(self._manager, incoming, locale)
         await interaction.followup.send(
             i18n.text("forget_confirm", locale), view=view, ephemeral=True
         )
@@ -493,9 +487,11 @@ class _EditStreamer:
 class _ForgetView(discord.ui.View):
     """The confirmation buttons of /forget."""
 
-    def __init__(self, adapter: DiscordAdapter, incoming: IncomingMessage, locale: str) -> None:
+    def __init__(
+        self, manager: ConversationManager, incoming: IncomingMessage, locale: str
+    ) -> None:
         super().__init__(timeout=300)
-        self._adapter = adapter
+        self._manager = manager
         self._incoming = incoming
         yes = discord.ui.Button(
             label=i18n.text("forget_yes", locale), style=discord.ButtonStyle.danger
@@ -509,11 +505,11 @@ class _ForgetView(discord.ui.View):
         self.add_item(no)
 
     async def _confirm(self, interaction: discord.Interaction) -> None:
-        reply = await self._adapter._manager.forget(self._incoming)
+        reply = await self._manager.forget(self._incoming)
         await interaction.response.edit_message(content=reply.text, view=None)
         self.stop()
 
     async def _cancel(self, interaction: discord.Interaction) -> None:
-        reply = await self._adapter._manager.notice(self._incoming, "forget_cancelled")
+        reply = await self._manager.notice(self._incoming, "forget_cancelled")
         await interaction.response.edit_message(content=reply.text, view=None)
         self.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import signal
 from typing import Protocol
@@ -12,6 +13,14 @@ from core.config import Secrets
 from core.service import Service
 
 _LOGGER = logging.getLogger(__name__)
+
+
+class AdapterState(enum.Enum):
+    """Lifecycle state of a platform adapter."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
 
 
 class Adapter(Protocol):

@@ -1,7 +1,7 @@
 """The Telegram adapter: python-telegram-bot updates in, ConversationManager replies out.
 
 Long polling by default, webhook mode by configuration. One user's updates are
-handled in order and other users' at the same time; replies are split at
+handled in order, and other users' at the same time. Replies are split at
 Telegram's length limit and sent with retries on flood control and network
 errors.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import enum
 import logging
 import secrets
 import warnings
@@ -51,6 +50,7 @@ from telegram.ext import (
 from telegram.warnings import PTBDeprecationWarning
 
 from bots.rendering import MarkdownFlavor, split_message, to_markdown_v2
+from bots.runner import AdapterState
 from core import i18n
 from core.config import TelegramSettings
 from core.locks import KeyedLocks
@@ -64,7 +64,7 @@ COMMANDS = ("start", "help", "reset", "lang", "forget")
 _FORGET_YES = "forget:yes"
 _FORGET_NO = "forget:no"
 
-# Updates the bot asks Telegram for; anything else is never delivered.
+# Update types the bot requests from Telegram; Telegram delivers no others.
 ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
 
 # Media a user may send instead of text; each gets the "text only" note in private chats.
@@ -83,12 +83,6 @@ _NON_TEXT = (
     | filters.VENUE
     | filters.Dice.ALL
 )
-
-
-class AdapterState(enum.Enum):
-    CREATED = "created"
-    RUNNING = "running"
-    STOPPED = "stopped"
 
 
 class PerUserUpdateProcessor(BaseUpdateProcessor):

@@ -106,7 +106,7 @@ class PromptSettings(_Section):
         "en": "config/prompts/system.en.txt",
         "zh-CN": "config/prompts/system.zh-CN.txt",
     }
-    # The most turns read from storage for one prompt; the token budget
+    # Maximum turns read from storage for one prompt; the token budget
     # usually stops earlier.
     history_turns: int = Field(48, ge=1)
     # Overrides the generator's context length when set (tokens).

@@ -60,7 +60,7 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
     # transaction in one call on a synchronous connection would remove them.
     # SQLite has one writer at a time. Connections of one process that compete
     # for the write lock wait in SQLite's busy handler, which sleeps in steps of
-    # up to 100 ms; sharing one connection makes them queue on the pool instead,
+    # up to 100 ms. Sharing one connection makes them queue on the pool instead,
     # without sleeping. Other processes still wait on busy_timeout.
     engine = create_async_engine(
         url,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,16 +196,6 @@ async def recent_turns(session: AsyncSession, *, conversation_id: int, limit: in
     rows = [TurnRow(*row) for row in await session.execute(statement)]
     rows.reverse()
     return rows
-
-
-async def conversation_turns(session: AsyncSession, *, conversation_id: int) -> Sequence[Turn]:
-    """Return every turn of a conversation, oldest first."""
-    statement = (
-        select(Turn)
-        .where(Turn.conversation_id == conversation_id)
-        .order_by(Turn.created_at, Turn.id)
-    )
-    return list((await session.execute(statement)).scalars())
 
 
 async def set_unreachable(
