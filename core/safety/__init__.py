@@ -1,0 +1,1 @@
+"""Safety: risk screening of user turns, crisis resources, safety cases and reply screening."""
