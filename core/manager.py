@@ -1,35 +1,41 @@
 """The conversation manager: the path of one message from an adapter to a stored reply.
 
 The path has eight steps: (1) find the user and open conversation and drop
-duplicates, (2) store the user turn and commit, (3) screen it for risk,
-(4) relay to moderators during a hand-off, (5) build the prompt, (6) generate
-with a timeout, (7) screen the reply, (8) store the assistant turn. Steps 3, 4
-and 7 are not built yet. Their places are marked below, and until they exist
-the manager replies without them.
+duplicates, (2) store the user turn and commit, (3) screen it for risk and open
+or update a safety case, (4) relay to moderators during a hand-off, (5) build
+the prompt, (6) generate with a timeout, (7) screen the reply, (8) store the
+assistant turn. Without a ``SafetyGuard`` steps 3, 4 and 7 are skipped, which
+only tests of the other steps do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import enum
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core import i18n
-from core.config import SUPPORTED_LOCALES, normalise_locale
+from core.config import SUPPORTED_LOCALES, BreakReminderSettings, normalise_locale
 from core.errors import GenerationError
 from core.generation.base import DeltaCallback, FinishReason, Generator, SamplingParams
 from core.generation.postprocess import end_at_sentence
 from core.locks import KeyedLocks
 from core.prompt import HistoryTurn, PromptBuilder
+from core.safety.screening import NO_RISK, RiskAssessment, RiskLevel
 from core.storage import repository
-from core.storage.models import Role
+from core.storage.models import Conversation, Role, utcnow
 from core.text import sanitize_user_text
+
+if TYPE_CHECKING:
+    from core.safety.guard import SafetyGuard
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -56,6 +62,7 @@ class ReplyKind(enum.StrEnum):
     APOLOGY = "apology"  # generation failed or timed out; a localized apology
     NOTICE = "notice"  # the reply to a command (/reset, /lang, /help)
     EDIT_STORED = "edit_stored"  # an edited message stored as a new revision; send nothing
+    RELAYED = "relayed"  # the user's case is in hand-off; moderators got the message
 
 
 @dataclass(slots=True, kw_only=True)
@@ -69,10 +76,13 @@ class Reply:
     finish_reason: str | None = None
     latency_s: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+    # Risk level of the user's turn; a crisis reply carries the crisis resources.
+    risk_level: RiskLevel = RiskLevel.NONE
+    case_id: int | None = None
 
     @property
     def should_send(self) -> bool:
-        silent = (ReplyKind.DUPLICATE, ReplyKind.EDIT_STORED)
+        silent = (ReplyKind.DUPLICATE, ReplyKind.EDIT_STORED, ReplyKind.RELAYED)
         return self.kind not in silent and bool(self.text)
 
 
@@ -89,6 +99,8 @@ class ConversationManager:
         timeout_s: float,
         history_turns: int = 48,
         default_locale: str = "en",
+        safety: SafetyGuard | None = None,
+        break_reminder: BreakReminderSettings | None = None,
     ) -> None:
         self._sessions = session_factory
         self._generator = generator
@@ -98,6 +110,12 @@ class ConversationManager:
         self._history_turns = history_turns
         self._default_locale = default_locale
         self._user_locks = KeyedLocks()
+        self._safety = safety
+        self._break_reminder = break_reminder
+
+    @property
+    def safety(self) -> SafetyGuard | None:
+        return self._safety
 
     # Public API
 
@@ -164,7 +182,21 @@ class ConversationManager:
             except IntegrityError:
                 return Reply(kind=ReplyKind.DUPLICATE, text="", locale=self._default_locale)
         kind = ReplyKind.DUPLICATE if stored.duplicate else ReplyKind.EDIT_STORED
-        # Screening of the edited text (step 3) goes here.
+        if not stored.duplicate and text.strip():
+            # An edit can turn a harmless message into a crisis; moderators hear of it,
+            # and the user gets the crisis resources without a new model reply.
+            assessment, case_id = await self._screen(message, stored, text)
+            if assessment.level is RiskLevel.CRISIS and self._safety is not None:
+                resources = self._safety.crisis_resources(stored.locale, message.locale_hint)
+                return Reply(
+                    kind=ReplyKind.NOTICE,
+                    text=f"{i18n.text('crisis_fallback', stored.locale)}\n\n{resources}",
+                    locale=stored.locale,
+                    conversation_id=stored.conversation_id,
+                    user_turn_id=stored.turn_id,
+                    risk_level=assessment.level,
+                    case_id=case_id,
+                )
         return Reply(
             kind=kind,
             text="",
@@ -243,10 +275,22 @@ class ConversationManager:
             reply.text = i18n.text("empty_message", stored.locale)
             return reply
 
-        # Step 3 (risk screening) and step 4 (hand-off to moderators) go here.
+        # Step 3: risk screening, which opens or updates a safety case.
+        assessment, case_id = await self._screen(message, stored, text)
+        reply.risk_level, reply.case_id = assessment.level, case_id
 
-        # Step 5: the prompt.
-        built = self._prompts.build(stored.history, stored.locale)
+        # Step 4: during a hand-off, moderators answer instead of the model.
+        if stored.handoff or (case_id is not None and await self._in_handoff(case_id)):
+            assert self._safety is not None and case_id is not None
+            await self._safety.desk.relay_user_message(case_id, text)
+            reply.kind = ReplyKind.RELAYED
+            return reply
+
+        # Step 5: the prompt, with a note for the model when the user may be at risk.
+        note = None
+        if self._safety is not None and assessment.level is not RiskLevel.NONE:
+            note = self._safety.guidance_for(assessment.level, stored.locale)
+        built = self._prompts.build(stored.history, stored.locale, system_note=note)
 
         # Step 6: generation, bounded by the timeout.
         try:
@@ -261,21 +305,40 @@ class ConversationManager:
                 type(exc).__name__,
                 exc,
             )
-            return self._apology(reply, started)
+            return self._apology(reply, started, message)
         except Exception:
             _LOGGER.exception("Generation crashed for conversation %s", stored.conversation_id)
-            return self._apology(reply, started)
+            return self._apology(reply, started, message)
 
         if result.finish_reason is FinishReason.LENGTH:
             # A reply cut by max_new_tokens stops mid-sentence; end it at the last full one.
             result.text = end_at_sentence(result.text)
         if not result.text.strip():
             _LOGGER.warning("Empty reply for conversation %s", stored.conversation_id)
-            return self._apology(reply, started)
+            return self._apology(reply, started, message)
 
-        # Step 7 (reply screening) goes here.
+        # Step 7: reply screening. A reply that could hurt never reaches the user.
+        screened: list[str] = []
+        if self._safety is not None:
+            verdict = self._safety.screen_reply(result.text, assessment.level)
+            if verdict.unsafe:
+                screened = list(verdict.categories)
+                _LOGGER.warning(
+                    "Replaced an unsafe reply in conversation %s (%s)",
+                    stored.conversation_id,
+                    ", ".join(screened),
+                )
+                result.text = i18n.text("safety_fallback", stored.locale)
 
-        # Step 8: the assistant turn.
+        # Step 8: the assistant turn, as the user reads it.
+        text_out = result.text
+        if assessment.level is RiskLevel.CRISIS and self._safety is not None:
+            resources = self._safety.crisis_resources(stored.locale, message.locale_hint)
+            text_out = f"{text_out}\n\n{resources}"
+        now = utcnow()
+        reminder = self._break_reminder_due(stored, now)
+        if reminder:
+            text_out = f"{text_out}\n\n{i18n.text('break_reminder', stored.locale)}"
         latency = time.perf_counter() - started
         meta = {
             "model": result.model,
@@ -285,6 +348,9 @@ class ConversationManager:
             "completion_tokens": result.completion_tokens,
             "dropped_turns": built.dropped_turns,
             "newest_turn_shortened": built.newest_turn_shortened,
+            "risk": assessment.summary(),
+            **({"screened": screened} if screened else {}),
+            **({"break_reminder": True} if reminder else {}),
             **{key: value for key, value in result.details.items() if _is_plain(value)},
         }
         async with self._sessions.begin() as session:
@@ -294,11 +360,12 @@ class ConversationManager:
                 user_id=stored.user_id,
                 platform_chat_id=message.chat_id,
                 role=Role.ASSISTANT,
-                content=result.text,
+                content=text_out,
                 meta=meta,
             )
+            await self._update_stretch(session, stored, now, reminder)
 
-        reply.text = result.text
+        reply.text = text_out
         reply.finish_reason = result.finish_reason.value
         reply.latency_s = latency
         reply.details = meta
@@ -360,18 +427,106 @@ class ConversationManager:
             platform_message_id=message.message_id,
             revision=message.revision,
         )
+        stored = _StoredTurn(conversation_id, user_id, turn_id, locale, [])
+        if found is not None:
+            stored.case_id, stored.handoff = found.active_case_id, found.handoff
+            stored.stretch_started_at = _aware(found.stretch_started_at)
+            stored.break_reminded_at = _aware(found.break_reminded_at)
         if not history:
-            return _StoredTurn(conversation_id, user_id, turn_id, locale, [])
+            return stored
         rows = await repository.recent_turns(
             session, conversation_id=conversation_id, limit=self._history_turns
         )
-        return _StoredTurn(conversation_id, user_id, turn_id, locale, _latest_revisions(rows))
+        stored.history = _latest_revisions(rows)
+        if len(rows) >= 2:
+            stored.previous_turn_at = _aware(rows[-2].created_at)
+        return stored
 
-    def _apology(self, reply: Reply, started: float) -> Reply:
+    def _apology(self, reply: Reply, started: float, message: IncomingMessage) -> Reply:
         reply.kind = ReplyKind.APOLOGY
-        reply.text = i18n.text("apology", reply.locale)
         reply.latency_s = time.perf_counter() - started
+        if reply.risk_level is RiskLevel.CRISIS and self._safety is not None:
+            # A failed generation never leaves a user in crisis without the resources.
+            resources = self._safety.crisis_resources(reply.locale, message.locale_hint)
+            reply.text = f"{i18n.text('crisis_fallback', reply.locale)}\n\n{resources}"
+        else:
+            reply.text = i18n.text("apology", reply.locale)
         return reply
+
+    async def _screen(
+        self, message: IncomingMessage, stored: _StoredTurn, text: str
+    ) -> tuple[RiskAssessment, int | None]:
+        """Screen a stored user turn; open or update a case; return the level and the case id."""
+        if self._safety is None:
+            return NO_RISK, stored.case_id
+        earlier = [turn.content for turn in stored.history[:-1] if turn.role == Role.USER.value]
+        assessment = await self._safety.assess(text, earlier)
+        if assessment.level is RiskLevel.NONE:
+            return assessment, stored.case_id
+        if assessment.level is RiskLevel.ELEVATED and stored.case_id is None:
+            return assessment, None
+        case = await self._safety.desk.record_risk(
+            user_id=stored.user_id,
+            platform=message.platform,
+            platform_user_id=message.user_id,
+            conversation_id=stored.conversation_id,
+            locale=stored.locale,
+            assessment=assessment,
+            text=text,
+        )
+        _LOGGER.info(
+            "Risk %s in conversation %s (%s); case %s",
+            assessment.level.value,
+            stored.conversation_id,
+            ", ".join(sorted(assessment.categories)) or "-",
+            case.id if case is not None else None,
+        )
+        return assessment, case.id if case is not None else stored.case_id
+
+    async def _in_handoff(self, case_id: int) -> bool:
+        from core.storage.models import SafetyCase
+
+        async with self._sessions() as session:
+            case = await session.get(SafetyCase, case_id)
+            return case is not None and case.handoff
+
+    def _break_reminder_due(self, stored: _StoredTurn, now: dt.datetime) -> bool:
+        """Return True when the conversation has run ``after_minutes`` without a break."""
+        settings = self._break_reminder
+        if settings is None or not settings.enabled or stored.stretch_started_at is None:
+            return False
+        if stored.previous_turn_at is None:
+            return False
+        if now - stored.previous_turn_at >= dt.timedelta(minutes=settings.break_minutes):
+            return False
+        since = stored.stretch_started_at
+        if stored.break_reminded_at is not None and stored.break_reminded_at > since:
+            since = stored.break_reminded_at
+        return now - since >= dt.timedelta(minutes=settings.after_minutes)
+
+    async def _update_stretch(
+        self, session: AsyncSession, stored: _StoredTurn, now: dt.datetime, reminded: bool
+    ) -> None:
+        """Start a new stretch after a break, and record a reminder; writes only on a change."""
+        settings = self._break_reminder
+        if settings is None or not settings.enabled:
+            return
+        values: dict[str, dt.datetime] = {}
+        gap = dt.timedelta(minutes=settings.break_minutes)
+        if (
+            stored.stretch_started_at is None
+            or stored.previous_turn_at is None
+            or now - stored.previous_turn_at >= gap
+        ):
+            values["stretch_started_at"] = now
+        if reminded:
+            values["break_reminded_at"] = now
+        if values:
+            await session.execute(
+                update(Conversation)
+                .where(Conversation.id == stored.conversation_id)
+                .values(**values)
+            )
 
 
 @dataclass(slots=True)
@@ -382,6 +537,12 @@ class _StoredTurn:
     locale: str
     history: list[HistoryTurn]
     duplicate: bool = False
+    case_id: int | None = None
+    handoff: bool = False
+    stretch_started_at: dt.datetime | None = None
+    break_reminded_at: dt.datetime | None = None
+    # When the turn before this one was stored; None in a new conversation.
+    previous_turn_at: dt.datetime | None = None
 
 
 def _latest_revisions(rows: list[repository.TurnRow]) -> list[HistoryTurn]:
@@ -400,6 +561,13 @@ def _latest_revisions(rows: list[repository.TurnRow]) -> list[HistoryTurn]:
             content = newest.get(row.platform_message_id, content)
         history.append(HistoryTurn(row.role.value, content))
     return history
+
+
+def _aware(moment: dt.datetime | None) -> dt.datetime | None:
+    """Return ``moment`` in UTC; SQLite returns stored times without their zone."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=dt.UTC)
 
 
 def _is_plain(value: object) -> bool:

@@ -100,9 +100,19 @@ class PromptBuilder:
     def system_prompt(self, locale: str) -> str:
         return self._system_prompts.get(locale) or self._system_prompts[self._default_locale]
 
-    def build(self, history: Sequence[HistoryTurn], locale: str) -> BuiltPrompt:
-        """Build the prompt for a reply to the newest user turn in ``history`` (oldest first)."""
-        system = ChatMessage("system", self.system_prompt(locale))
+    def build(
+        self, history: Sequence[HistoryTurn], locale: str, *, system_note: str | None = None
+    ) -> BuiltPrompt:
+        """Build the prompt for a reply to the newest user turn in ``history`` (oldest first).
+
+        ``system_note`` is appended to the system prompt (safety guidance for this turn).
+        """
+        content = self.system_prompt(locale)
+        if system_note:
+            # NOTE: the start-up budget check does not count the note; a note
+            # longer than the room left only shortens the history more.
+            content = f"{content}\n\n{system_note}"
+        system = ChatMessage("system", content)
         turns = merge_turns(history)
         if not turns or turns[-1].role != "user":
             raise ValueError("history must end with a non-empty user turn")

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import logging
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.config import Secrets, Settings
+from core.config import Secrets, Settings, resolve_path
 from core.generation import create_generator, sampling_from_settings
 from core.generation.base import Generator
 from core.manager import ConversationManager
 from core.prompt import PromptBuilder, load_system_prompts
+from core.pseudonym import load_pseudonymizer
+from core.safety.guard import SafetyGuard
 from core.storage import db
 
 _LOGGER = logging.getLogger(__name__)
@@ -40,6 +44,9 @@ class Service:
         self._apply_migrations = apply_migrations
         self._engine: AsyncEngine | None = None
         self._manager: ConversationManager | None = None
+        self._safety: SafetyGuard | None = None
+        self._stop_reminders = asyncio.Event()
+        self._reminders: asyncio.Task[None] | None = None
         self.state = ServiceState.CREATED
 
     async def __aenter__(self) -> Service:
@@ -60,6 +67,12 @@ class Service:
         if self._generator is None:
             raise RuntimeError("The service is not running; call start() first.")
         return self._generator
+
+    @property
+    def safety(self) -> SafetyGuard:
+        if self._safety is None:
+            raise RuntimeError("The service is not running; call start() first.")
+        return self._safety
 
     @property
     def engine(self) -> AsyncEngine:
@@ -91,14 +104,32 @@ class Service:
             truncation_marker=settings.prompt.truncation_marker,
             default_locale=settings.chat.default_locale,
         )
+        sessions = db.create_session_factory(self._engine)
+        self._safety = SafetyGuard.from_settings(
+            settings,
+            self._secrets,
+            session_factory=sessions,
+            pseudonyms=load_pseudonymizer(
+                self._secrets, resolve_path(settings.safety.pseudonym_key_file)
+            ),
+        )
+        if self._safety.classifier is not None:
+            await self._safety.classifier.generator.start()
         self._manager = ConversationManager(
-            session_factory=db.create_session_factory(self._engine),
+            session_factory=sessions,
             generator=self._generator,
             prompt_builder=builder,
             sampling=sampling,
             timeout_s=settings.generator.timeout_s,
             history_turns=settings.prompt.history_turns,
             default_locale=settings.chat.default_locale,
+            safety=self._safety,
+            break_reminder=settings.safety.break_reminder,
+        )
+        # Posts crisis cases nobody acknowledged again.
+        self._stop_reminders.clear()
+        self._reminders = asyncio.create_task(
+            self._safety.desk.run_reminders(self._stop_reminders), name="safety-reminders"
         )
         self.state = ServiceState.RUNNING
         _LOGGER.info(
@@ -112,6 +143,12 @@ class Service:
         if self.state is not ServiceState.RUNNING:
             return
         self.state = ServiceState.STOPPED
+        self._stop_reminders.set()
+        if self._reminders is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reminders
+        if self._safety is not None and self._safety.classifier is not None:
+            await self._safety.classifier.generator.stop()
         if self._generator is not None:
             await self._generator.stop()
         if self._engine is not None:

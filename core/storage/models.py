@@ -99,6 +99,10 @@ class Conversation(Base):
     platform_chat_id: Mapped[str] = mapped_column(String(64))
     opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Start of the current stretch of talk without a break, and when the user
+    # was last reminded to take one; both drive the long-session reminder.
+    stretch_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    break_reminded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     user: Mapped[User] = relationship(back_populates="conversations")
 
@@ -152,4 +156,76 @@ class ProcessedUpdate(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     platform: Mapped[str] = mapped_column(String(16))
     update_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CaseStatus(enum.StrEnum):
+    OPEN = "open"
+    ACKNOWLEDGED = "acknowledged"
+    RESOLVED = "resolved"
+
+
+def _string_enum(enum_class: type[enum.StrEnum], name: str) -> Enum:
+    return Enum(
+        enum_class,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda members: [member.value for member in members],
+    )
+
+
+class SafetyCase(Base):
+    """A conversation that needs human attention: open -> acknowledged -> resolved.
+
+    The case keeps the pseudonym, not the platform id, so it can outlive the
+    user's data; deleting the user clears ``user_id`` and the excerpt.
+    """
+
+    __tablename__ = "safety_cases"
+    __table_args__ = (Index("ix_safety_cases_user_status", "user_id", "status"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    conversation_id: Mapped[int | None] = mapped_column(
+        ForeignKey("conversations.id", ondelete="SET NULL")
+    )
+    platform: Mapped[str] = mapped_column(String(16))
+    user_pseudonym: Mapped[str] = mapped_column(String(64))
+    # The user's reply language when the case opened, for messages sent to them.
+    user_locale: Mapped[str] = mapped_column(String(16))
+    # "none" is allowed for a case a moderator opens on a hunch.
+    level: Mapped[str] = mapped_column(String(16))
+    status: Mapped[CaseStatus] = mapped_column(
+        _string_enum(CaseStatus, "case_status"), default=CaseStatus.OPEN
+    )
+    # While True the model stays silent and moderators answer through the bot.
+    handoff: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # "system" for risk screening, else "<platform>:<moderator id>".
+    opened_by: Mapped[str] = mapped_column(String(80))
+    excerpt: Mapped[str | None] = mapped_column(Text)
+    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    acknowledged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When moderators were last told about the case, and how many times in all.
+    notified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    notify_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+
+
+class CaseAction(Base):
+    """One thing that happened to a safety case, with who did it and when."""
+
+    __tablename__ = "safety_case_actions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    case_id: Mapped[int] = mapped_column(
+        ForeignKey("safety_cases.id", ondelete="CASCADE"), index=True
+    )
+    # opened, risk_update, notified, reminded, acknowledged, handoff, reply,
+    # resolved, escalated, unreachable, refused
+    action: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(80))
+    note: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

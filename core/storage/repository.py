@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.storage.models import Conversation, ProcessedUpdate, Role, Turn, User, utcnow
+from core.storage.models import (
+    CaseStatus,
+    Conversation,
+    ProcessedUpdate,
+    Role,
+    SafetyCase,
+    Turn,
+    User,
+    utcnow,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +30,12 @@ class UserConversation:
     conversation_id: int | None
     # The turn already stored for the platform message asked about, if any.
     seen_turn_id: int | None
+    # The user's newest safety case that is not resolved, and whether it is in hand-off.
+    active_case_id: int | None = None
+    handoff: bool = False
+    # Long-session reminder state of the open conversation.
+    stretch_started_at: datetime | None = None
+    break_reminded_at: datetime | None = None
 
 
 async def find_user_and_conversation(
@@ -31,9 +47,10 @@ async def find_user_and_conversation(
     platform_message_id: str | None = None,
     revision: int = 0,
 ) -> UserConversation | None:
-    """Find a returning user, their open conversation and a stored copy of the message.
+    """Find a returning user, their open conversation, a stored copy of the message
+    and their active safety case.
 
-    One query does all three, because it runs for every message. Returns None
+    One query does all of it, because it runs for every message. Returns None
     for a user never seen before.
     """
     seen = (
@@ -49,8 +66,26 @@ async def find_user_and_conversation(
         if platform_message_id is not None
         else None
     )
+    newest_case = (
+        select(SafetyCase.id, SafetyCase.handoff)
+        .where(SafetyCase.user_id == User.id, SafetyCase.status != CaseStatus.RESOLVED)
+        .order_by(SafetyCase.id.desc())
+        .limit(1)
+    )
+    case_id = newest_case.with_only_columns(SafetyCase.id).scalar_subquery()
+    handoff = newest_case.with_only_columns(SafetyCase.handoff).scalar_subquery()
     statement = (
-        select(User.id, User.locale, User.unreachable_at, Conversation.id, seen)
+        select(
+            User.id,
+            User.locale,
+            User.unreachable_at,
+            Conversation.id,
+            seen,
+            case_id,
+            handoff,
+            Conversation.stretch_started_at,
+            Conversation.break_reminded_at,
+        )
         .outerjoin(
             Conversation,
             (Conversation.user_id == User.id)
@@ -62,7 +97,9 @@ async def find_user_and_conversation(
     row = (await session.execute(statement)).first()
     if row is None:
         return None
-    return UserConversation(row[0], row[1], row[2] is not None, row[3], row[4])
+    return UserConversation(
+        row[0], row[1], row[2] is not None, row[3], row[4], row[5], bool(row[6]), row[7], row[8]
+    )
 
 
 async def get_or_create_user(
@@ -183,12 +220,13 @@ class TurnRow:
     content: str
     platform_message_id: str | None
     revision: int
+    created_at: datetime
 
 
 async def recent_turns(session: AsyncSession, *, conversation_id: int, limit: int) -> list[TurnRow]:
     """Return the newest ``limit`` turns of a conversation, oldest first."""
     statement = (
-        select(Turn.role, Turn.content, Turn.platform_message_id, Turn.revision)
+        select(Turn.role, Turn.content, Turn.platform_message_id, Turn.revision, Turn.created_at)
         .where(Turn.conversation_id == conversation_id)
         .order_by(Turn.created_at.desc(), Turn.id.desc())
         .limit(limit)
@@ -253,6 +291,12 @@ async def delete_user_data(
             select(func.count(Conversation.id)).where(Conversation.user_id == user_id)
         )
     ).scalar_one()
+    # Safety cases keep their skeleton for audit, without the user's words or link to them.
+    await session.execute(
+        update(SafetyCase)
+        .where(SafetyCase.user_id == user_id)
+        .values(user_id=None, conversation_id=None, excerpt=None)
+    )
     # Explicit deletes in child-to-parent order, so SQLite needs no cascade support.
     await session.execute(delete(Turn).where(Turn.user_id == user_id))
     await session.execute(delete(Conversation).where(Conversation.user_id == user_id))

@@ -1,0 +1,131 @@
+"""Everything the conversation manager needs for safety, built from the settings in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from core.config import CONFIG_DIR, SafetySettings, Secrets, Settings, resolve_path
+from core.errors import ConfigError
+from core.pseudonym import Pseudonymizer
+from core.safety.classifier import LlmRiskClassifier
+from core.safety.desk import SafetyDesk
+from core.safety.replies import ReplyScreener, ReplyVerdict
+from core.safety.resources import CrisisResources
+from core.safety.screening import Lexicon, RiskAssessment, RiskLevel, RiskScreener
+
+_LOGGER = logging.getLogger(__name__)
+
+GUIDANCE_FILE = CONFIG_DIR / "safety" / "guidance.yaml"
+
+
+@dataclass(slots=True)
+class SafetyGuard:
+    screener: RiskScreener
+    replies: ReplyScreener
+    resources: CrisisResources
+    desk: SafetyDesk
+    # Prompt notes per level and locale, for the model only.
+    guidance: Mapping[str, Mapping[str, str]]
+    classifier: LlmRiskClassifier | None = None
+    classifier_from: RiskLevel = RiskLevel.NONE
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        secrets: Secrets,
+        *,
+        session_factory: async_sessionmaker[AsyncSession],
+        pseudonyms: Pseudonymizer,
+    ) -> SafetyGuard:
+        safety = settings.safety
+        resources = CrisisResources.load(resolve_path(safety.resources))
+        for warning in resources.review_warnings():
+            _LOGGER.warning("%s", warning)
+        return cls(
+            screener=RiskScreener(
+                Lexicon.load(resolve_path(safety.lexicon)), window_turns=safety.window_turns
+            ),
+            replies=ReplyScreener.load(resolve_path(safety.reply_rules)),
+            resources=resources,
+            desk=SafetyDesk(
+                session_factory=session_factory, settings=safety, pseudonyms=pseudonyms
+            ),
+            guidance=load_guidance(GUIDANCE_FILE),
+            classifier=_classifier(settings, secrets),
+            classifier_from=RiskLevel(safety.classifier.from_level),
+        )
+
+    async def assess(self, text: str, earlier_user_turns: Sequence[str]) -> RiskAssessment:
+        """Screen a user turn with the lexicon, then ask the classifier when one is set up.
+
+        The classifier can raise the level but never lower it: a lexicon
+        crisis stays a crisis whatever the model says.
+        """
+        lexical = self.screener.screen_turns(text, earlier_user_turns)
+        if (
+            self.classifier is None
+            or lexical.level is RiskLevel.CRISIS
+            or lexical.level < self.classifier_from
+        ):
+            return lexical
+        opinion = await self.classifier.classify(text, earlier_user_turns)
+        if opinion is not None and opinion > lexical.level:
+            return dataclasses.replace(lexical, level=opinion, classifier_level=opinion)
+        return dataclasses.replace(lexical, classifier_level=opinion)
+
+    def guidance_for(self, level: RiskLevel, locale: str) -> str | None:
+        notes = self.guidance.get(level.value)
+        if not notes:
+            return None
+        return notes.get(locale) or notes.get("en")
+
+    def screen_reply(self, reply: str, level: RiskLevel) -> ReplyVerdict:
+        return self.replies.screen(reply, user_at_risk=level is not RiskLevel.NONE)
+
+    def crisis_resources(self, locale: str, hint: str | None) -> str:
+        return self.resources.render(locale, hint)
+
+
+def load_guidance(path: Path) -> dict[str, dict[str, str]]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(
+            f"Cannot read the safety guidance {str(path)!r}: {exc.strerror}"
+        ) from None
+    return {level: dict(notes) for level, notes in data.items()}
+
+
+def _classifier(settings: Settings, secrets: Secrets) -> LlmRiskClassifier | None:
+    options = settings.safety.classifier
+    if not options.enabled:
+        return None
+    from core.generation.openai_compat import OpenAICompatGenerator
+
+    openai = settings.generator.openai
+    api_key = secrets.openai_api_key.get_secret_value() if secrets.openai_api_key else None
+    generator = OpenAICompatGenerator(
+        base_url=options.base_url or openai.base_url,
+        model=options.model or openai.model,
+        context_length=openai.context_length,
+        tokenizer=None,
+        connect_timeout_s=openai.connect_timeout_s,
+        timeout_s=options.timeout_s,
+        max_retries=1,
+        backoff_base_s=openai.backoff_base_s,
+        backoff_max_s=openai.backoff_max_s,
+        stop_markers=settings.generator.stop_markers,
+        api_key=api_key or None,
+    )
+    return LlmRiskClassifier(generator, timeout_s=options.timeout_s)
+
+
+__all__ = ["SafetyGuard", "SafetySettings"]
