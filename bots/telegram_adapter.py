@@ -19,6 +19,7 @@ from typing import Any
 
 from telegram import (
     BotCommand,
+    BotCommandScopeChat,
     InlineKeyboardButton,
     InlineKeyboardMarkup,
     Message,
@@ -55,12 +56,15 @@ from core import i18n
 from core.config import TelegramSettings
 from core.locks import KeyedLocks
 from core.manager import ConversationManager, IncomingMessage, Reply, ReplyKind
+from core.safety.desk import Actor, Delivery, SafetyDesk
 
 _LOGGER = logging.getLogger(__name__)
 
 PLATFORM = "telegram"
 MESSAGE_LIMIT = 4096
 COMMANDS = ("start", "help", "reset", "lang", "forget")
+# Moderator commands; anyone else who sends one is refused and logged.
+MODERATOR_COMMANDS = ("cases", "ack", "handoff", "reply", "resolve", "escalate")
 _FORGET_YES = "forget:yes"
 _FORGET_NO = "forget:no"
 
@@ -177,6 +181,8 @@ class TelegramAdapter:
         self._bot_id = application.bot.id
         await self._register_commands()
         await application.start()
+        if self._manager.safety is not None:
+            self._manager.safety.desk.register_link(self)
 
         if settings.mode == "webhook":
             await self._start_webhook()
@@ -197,6 +203,8 @@ class TelegramAdapter:
         if self.state is not AdapterState.RUNNING or self._application is None:
             return
         self.state = AdapterState.STOPPED
+        if self._manager.safety is not None:
+            self._manager.safety.desk.unregister_link(PLATFORM)
         application = self._application
         if application.updater is not None and application.updater.running:
             await application.updater.stop()
@@ -237,10 +245,22 @@ class TelegramAdapter:
 
     async def _register_commands(self) -> None:
         bot = self.application.bot
+        moderator_chat = self._settings.moderator_chat_id
         for locale, language_code in (("en", None), ("zh-CN", "zh")):
             commands = [BotCommand(name, i18n.text(f"command_{name}", locale)) for name in COMMANDS]
             try:
                 await bot.set_my_commands(commands, language_code=language_code)
+                if moderator_chat is not None:
+                    # Only the moderators' chat shows the case commands in its menu.
+                    moderator_commands = [
+                        BotCommand(name, i18n.text(f"command_{name}", locale))
+                        for name in MODERATOR_COMMANDS
+                    ]
+                    await bot.set_my_commands(
+                        moderator_commands,
+                        scope=BotCommandScopeChat(moderator_chat),
+                        language_code=language_code,
+                    )
             except TelegramError as exc:
                 _LOGGER.warning("setMyCommands for %s failed: %s", locale, exc)
 
@@ -252,6 +272,8 @@ class TelegramAdapter:
 
         for name in COMMANDS:
             application.add_handler(CommandHandler(name, self._on_command))
+        for name in MODERATOR_COMMANDS:
+            application.add_handler(CommandHandler(name, self._on_moderator_command))
         application.add_handler(
             CallbackQueryHandler(self._on_forget_answer, pattern=r"^forget:(yes|no)$")
         )
@@ -289,6 +311,9 @@ class TelegramAdapter:
         if message is None:
             return
         text = message.text if message.text is not None else message.caption or ""
+        if message.chat_id == self._settings.moderator_chat_id:
+            # Moderators talk among themselves there; the bot only takes commands.
+            return
         in_group = message.chat.type != ChatType.PRIVATE
         if in_group:
             addressed, text = self._addressed_text(message, text)
@@ -374,6 +399,82 @@ class TelegramAdapter:
         else:
             reply = await self._manager.notice(incoming, "forget_cancelled")
         await self.send_text(query.message.chat.id, reply.text)
+
+    async def _on_moderator_command(
+        self, update: Update, context: ContextTypes.DEFAULT_TYPE
+    ) -> None:
+        message = update.effective_message
+        user = update.effective_user
+        if message is None or user is None or not message.text or self._manager.safety is None:
+            return
+        desk = self._manager.safety.desk
+        actor = Actor(PLATFORM, str(user.id), user.id in self._settings.moderator_ids)
+        # "/reply 12 text": the case id, then the rest of the message with its line breaks.
+        parts = message.text.split(maxsplit=2)
+        name = parts[0].lstrip("/").split("@")[0].lower()
+        argument = parts[1] if len(parts) > 1 else ""
+        rest = parts[2] if len(parts) > 2 else ""
+
+        if name == "cases":
+            answer = await desk.list_cases(actor)
+        elif name == "escalate" and argument.lower() == "user":
+            answer = await self._escalate_user(actor, rest)
+        elif not argument.lstrip("#").isdigit():
+            answer = await self._moderator_usage(actor, desk)
+        else:
+            case_id = int(argument.lstrip("#"))
+            if name == "ack":
+                answer = await desk.acknowledge(actor, case_id)
+            elif name == "handoff":
+                answer = await desk.hand_off(actor, case_id)
+            elif name == "reply":
+                answer = await desk.reply(actor, case_id, rest)
+            elif name == "resolve":
+                answer = await desk.resolve(actor, case_id, rest)
+            else:
+                answer = await desk.escalate_case(actor, case_id, rest)
+        await self.send_text(message.chat_id, answer)
+
+    async def _escalate_user(self, actor: Actor, rest: str) -> str:
+        assert self._manager.safety is not None
+        desk = self._manager.safety.desk
+        target, _, note = rest.partition(" ")
+        platform, _, user_id = target.rpartition(":")
+        if not user_id.isdigit():
+            return await self._moderator_usage(actor, desk)
+        return await desk.escalate_user(actor, platform or PLATFORM, user_id, note=note)
+
+    async def _moderator_usage(self, actor: Actor, desk: SafetyDesk) -> str:
+        if not actor.is_moderator:
+            # The refusal text and log line come from the desk.
+            return await desk.list_cases(actor)
+        return (
+            "/cases\n/ack N\n/handoff N\n/reply N text\n/resolve N note\n"
+            "/escalate N [note]\n/escalate user [telegram:|discord:]ID [note]"
+        )
+
+    # The desk's link to Telegram
+
+    platform = PLATFORM
+
+    async def post_to_moderators(self, text: str) -> bool:
+        """Post a case notice to the moderators' chat; False when none is configured."""
+        chat_id = self._settings.moderator_chat_id
+        if chat_id is None:
+            return False
+        return bool(await self.send_text(chat_id, text))
+
+    async def send_to_user(self, platform_user_id: str, text: str) -> Delivery:
+        """Send to the user's private chat, whose id is their user id."""
+        try:
+            sent = await self.send_text(int(platform_user_id), text)
+        except TelegramError as exc:
+            _LOGGER.warning("Sending a safety message to a user failed: %s", exc)
+            return Delivery.FAILED
+        return Delivery.SENT if sent else Delivery.UNREACHABLE
+
+    def command_hint(self, case_id: int) -> str:
+        return f"/ack {case_id} · /handoff {case_id} · /reply {case_id} … · /resolve {case_id} …"
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         update_id = update.update_id if isinstance(update, Update) else None

@@ -7,6 +7,8 @@ import os
 # Set before transformers is imported anywhere: tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Services started in tests use this key instead of creating one under var/.
+os.environ.setdefault("MINDHARBOR_PSEUDONYM_KEY", "test-pseudonym-key-not-for-production")
 
 import shutil
 import uuid
