@@ -24,6 +24,7 @@ from core import i18n
 from core.config import DiscordSettings
 from core.locks import KeyedLocks
 from core.manager import ConversationManager, IncomingMessage, Reply
+from core.safety.desk import Actor, Delivery
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -55,6 +56,16 @@ _DESCRIPTIONS = {
     "help": ("How to use MindHarbor", "MindHarbor 使用说明"),
     "talk.message": ("What you would like to say (optional)", "你想说的话（可选）"),
     "lang.language": ("zh or en", "zh 或 en"),
+    "case": ("Safety cases (moderators only)", "安全个案（仅限管理员）"),
+    "case.list": ("List open safety cases", "列出未结束的安全个案"),
+    "case.ack": ("Acknowledge a case", "确认个案"),
+    "case.handoff": ("Take over a case: the model stops answering", "转人工：模型停止回复"),
+    "case.reply": ("Answer the user of a case through the bot", "通过机器人回复个案用户"),
+    "case.resolve": ("Close a case; the model answers again", "结案；模型恢复回复"),
+    "case.escalate": ("Raise a case to crisis and post it again", "将个案升级为危机并再次通知"),
+    "case.case_id": ("Case number", "个案编号"),
+    "case.message": ("What to send to the user", "要发给用户的内容"),
+    "case.note": ("A note for the case record", "个案记录的说明"),
 }
 
 
@@ -165,12 +176,16 @@ class DiscordAdapter:
                 ) from error
             raise RuntimeError("The Discord gateway closed before the bot was ready") from error
         self.state = AdapterState.RUNNING
+        if self._manager.safety is not None:
+            self._manager.safety.desk.register_link(self)
         _LOGGER.info("Discord adapter connected as %s", client.user)
 
     async def stop(self) -> None:
         if self.state is not AdapterState.RUNNING:
             return
         self.state = AdapterState.STOPPED
+        if self._manager.safety is not None:
+            self._manager.safety.desk.unregister_link(PLATFORM)
         await self.client.close()
         if self._gateway is not None:
             with contextlib.suppress(asyncio.CancelledError):
@@ -223,6 +238,9 @@ class DiscordAdapter:
         channel = message.channel
         if isinstance(channel, discord.Thread) and me is not None and channel.owner_id == me.id:
             return True
+        if channel.id == self._settings.moderator_channel_id:
+            # Moderators talk among themselves there; the bot only takes commands.
+            return False
         if channel.id in self._settings.support_channel_ids:
             return True
         return me is not None and me in message.mentions
@@ -299,6 +317,68 @@ class DiscordAdapter:
         async def help_command(interaction: discord.Interaction) -> None:
             await adapter._on_simple_command(interaction, "help")
 
+        self._register_moderator_commands(tree)
+
+    def _register_moderator_commands(self, tree: app_commands.CommandTree) -> None:
+        adapter = self
+        # Hidden from members without Manage Messages by default; the role check
+        # below decides, whatever a server's command permissions say.
+        case = app_commands.Group(
+            name="case",
+            description=_described("case"),
+            default_permissions=discord.Permissions(manage_messages=True),
+            guild_only=True,
+        )
+
+        @case.command(name="list", description=_described("case.list"))
+        async def case_list(interaction: discord.Interaction) -> None:
+            await adapter._on_case(interaction, "list")
+
+        @case.command(name="ack", description=_described("case.ack"))
+        @app_commands.describe(case_id=_described("case.case_id"))
+        async def case_ack(interaction: discord.Interaction, case_id: int) -> None:
+            await adapter._on_case(interaction, "ack", case_id)
+
+        @case.command(name="handoff", description=_described("case.handoff"))
+        @app_commands.describe(case_id=_described("case.case_id"))
+        async def case_handoff(interaction: discord.Interaction, case_id: int) -> None:
+            await adapter._on_case(interaction, "handoff", case_id)
+
+        @case.command(name="reply", description=_described("case.reply"))
+        @app_commands.describe(
+            case_id=_described("case.case_id"), message=_described("case.message")
+        )
+        async def case_reply(interaction: discord.Interaction, case_id: int, message: str) -> None:
+            await adapter._on_case(interaction, "reply", case_id, message)
+
+        @case.command(name="resolve", description=_described("case.resolve"))
+        @app_commands.describe(case_id=_described("case.case_id"), note=_described("case.note"))
+        async def case_resolve(interaction: discord.Interaction, case_id: int, note: str) -> None:
+            await adapter._on_case(interaction, "resolve", case_id, note)
+
+        @case.command(name="escalate", description=_described("case.escalate"))
+        @app_commands.describe(case_id=_described("case.case_id"), note=_described("case.note"))
+        async def case_escalate(
+            interaction: discord.Interaction, case_id: int, note: str = ""
+        ) -> None:
+            await adapter._on_case(interaction, "escalate", case_id, note)
+
+        tree.add_command(case)
+
+        @tree.context_menu(name="Escalate to moderators")
+        @app_commands.default_permissions(manage_messages=True)
+        @app_commands.guild_only()
+        async def escalate_member(interaction: discord.Interaction, member: discord.Member) -> None:
+            await adapter._on_escalate(interaction, member.id, None)
+
+        @tree.context_menu(name="Escalate message")
+        @app_commands.default_permissions(manage_messages=True)
+        @app_commands.guild_only()
+        async def escalate_message(
+            interaction: discord.Interaction, message: discord.Message
+        ) -> None:
+            await adapter._on_escalate(interaction, message.author.id, message.content)
+
     async def _on_simple_command(
         self, interaction: discord.Interaction, name: str, argument: str = ""
     ) -> None:
@@ -373,6 +453,90 @@ class DiscordAdapter:
         view = _ForgetView(self._manager, incoming, locale)
         await interaction.followup.send(
             i18n.text("forget_confirm", locale), view=view, ephemeral=True
+        )
+
+    # Moderators
+
+    def _actor(self, interaction: discord.Interaction) -> Actor:
+        roles = getattr(interaction.user, "roles", [])
+        allowed = set(self._settings.moderator_role_ids)
+        is_moderator = any(role.id in allowed for role in roles)
+        return Actor(PLATFORM, str(interaction.user.id), is_moderator)
+
+    async def _on_case(
+        self, interaction: discord.Interaction, action: str, case_id: int = 0, text: str = ""
+    ) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        safety = self._manager.safety
+        if safety is None:
+            return
+        desk, actor = safety.desk, self._actor(interaction)
+        if action == "list":
+            answer = await desk.list_cases(actor)
+        elif action == "ack":
+            answer = await desk.acknowledge(actor, case_id)
+        elif action == "handoff":
+            answer = await desk.hand_off(actor, case_id)
+        elif action == "reply":
+            answer = await desk.reply(actor, case_id, text)
+        elif action == "resolve":
+            answer = await desk.resolve(actor, case_id, text)
+        else:
+            answer = await desk.escalate_case(actor, case_id, text)
+        await self._followup(interaction, answer)
+
+    async def _on_escalate(
+        self, interaction: discord.Interaction, user_id: int, excerpt: str | None
+    ) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        safety = self._manager.safety
+        if safety is None:
+            return
+        answer = await safety.desk.escalate_user(
+            self._actor(interaction), PLATFORM, str(user_id), excerpt=excerpt
+        )
+        await self._followup(interaction, answer)
+
+    async def _followup(self, interaction: discord.Interaction, text: str) -> None:
+        for chunk in split_message(text, MESSAGE_LIMIT, markdown=MarkdownFlavor.DISCORD):
+            await interaction.followup.send(
+                chunk, ephemeral=True, allowed_mentions=discord.AllowedMentions.none()
+            )
+
+    # The desk's link to Discord
+
+    platform = PLATFORM
+
+    async def post_to_moderators(self, text: str) -> bool:
+        """Post a case notice in the moderators' channel; False when none is configured."""
+        channel_id = self._settings.moderator_channel_id
+        if channel_id is None:
+            return False
+        channel = self.client.get_channel(channel_id) or await self.client.fetch_channel(channel_id)
+        await self._send(channel, text)
+        return True
+
+    async def send_to_user(self, platform_user_id: str, text: str) -> Delivery:
+        """Send to the user in a direct message."""
+        try:
+            user = self.client.get_user(int(platform_user_id)) or await self.client.fetch_user(
+                int(platform_user_id)
+            )
+            channel = user.dm_channel or await user.create_dm()
+            await self._send(channel, text)
+        except (discord.Forbidden, discord.NotFound) as exc:
+            # 50007: the user closed DMs from server members or blocked the bot.
+            _LOGGER.warning("Cannot send a direct message to a Discord user: %s", exc)
+            return Delivery.UNREACHABLE
+        except discord.HTTPException as exc:
+            _LOGGER.warning("Sending a direct message failed: %s", exc)
+            return Delivery.FAILED
+        return Delivery.SENT
+
+    def command_hint(self, case_id: int) -> str:
+        return (
+            f"/case ack case_id:{case_id} · /case handoff case_id:{case_id} · "
+            f"/case reply case_id:{case_id} · /case resolve case_id:{case_id}"
         )
 
     # Helpers

@@ -228,8 +228,28 @@ async def test_commands_synced_with_chinese(running: Harness) -> None:
     commands = running.server.commands[None]
     by_name = {command["name"]: command for command in commands}
 
-    assert set(by_name) == {"talk", "reset", "lang", "forget", "help"}
+    assert set(by_name) == {
+        "talk",
+        "reset",
+        "lang",
+        "forget",
+        "help",
+        "case",
+        "Escalate to moderators",
+        "Escalate message",
+    }
     assert by_name["reset"]["description_localizations"]["zh-CN"] == "开始新的对话"
+    # Moderator commands are hidden from members without Manage Messages by default.
+    assert int(by_name["case"]["default_member_permissions"]) == 1 << 13
+    assert [option["name"] for option in by_name["case"]["options"]] == [
+        "list",
+        "ack",
+        "handoff",
+        "reply",
+        "resolve",
+        "escalate",
+    ]
+    assert by_name["Escalate message"]["type"] == 3
 
 
 async def test_lang_and_help_commands(running: Harness) -> None:

@@ -169,9 +169,7 @@ async def test_moderator_case_cycle(harness: Harness) -> None:
     assert [status.value for _, status in await harness.cases()] == ["resolved"]
 
 
-async def test_non_moderator_is_refused(
-    harness: Harness, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_non_moderator_is_refused(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
     harness.server.enqueue_private_text(CRISIS, user=ALICE)
     [post] = await harness.wait_for_posts(1)
     await harness.server.wait_for_messages(ALICE.id, 1)

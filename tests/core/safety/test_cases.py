@@ -62,7 +62,9 @@ class Harness:
 
     async def cases(self) -> list[SafetyCase]:
         async with self.sessions() as session:
-            return list((await session.execute(select(SafetyCase).order_by(SafetyCase.id))).scalars())
+            return list(
+                (await session.execute(select(SafetyCase).order_by(SafetyCase.id))).scalars()
+            )
 
     async def actions(self, case_id: int) -> list[tuple[str, str]]:
         async with self.sessions() as session:
@@ -144,7 +146,11 @@ async def test_more_crisis_messages_update_the_same_case(harness: Harness) -> No
 
 
 async def test_ordinary_and_idiom_messages_open_no_case(harness: Harness) -> None:
-    for text in ("this exam is killing me lol", "累死了，今天加班到十点", "I'm dying to see that movie"):
+    for text in (
+        "this exam is killing me lol",
+        "累死了，今天加班到十点",
+        "I'm dying to see that movie",
+    ):
         reply = await harness.manager.handle(message(text))
         assert reply.risk_level is RiskLevel.NONE
         assert "findahelpline" not in reply.text
@@ -213,9 +219,7 @@ async def test_full_case_cycle_with_handoff(harness: Harness) -> None:
     assert len(harness.generator.calls) == calls + 1
     # The moderator's reply is part of the history the model reads, as the bot's side.
     prompt = harness.generator.calls[-1]
-    assert any(
-        turn.role == "assistant" and "Are you safe" in turn.content for turn in prompt
-    )
+    assert any(turn.role == "assistant" and "Are you safe" in turn.content for turn in prompt)
     actions = [action for action, _ in await harness.actions(case_id)]
     assert actions[:2] == ["opened", "notified"]
     assert {"acknowledged", "handoff", "reply", "resolved"} <= set(actions)
@@ -293,7 +297,9 @@ async def test_unreachable_user_alerts_moderators(harness: Harness) -> None:
     assert "cannot be reached" in harness.link.posts[-1]
     assert ("unreachable", "system") in await harness.actions(case_id)
     async with harness.sessions() as session:
-        user = (await session.execute(select(User).where(User.platform_user_id == "u1"))).scalar_one()
+        user = (
+            await session.execute(select(User).where(User.platform_user_id == "u1"))
+        ).scalar_one()
     assert user.unreachable_at is not None
 
 
