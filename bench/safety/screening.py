@@ -23,7 +23,7 @@ from core.safety.screening import Lexicon, RiskLevel, RiskScreener  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 LEVELS = [level.value for level in RiskLevel]
-TARGETS = {"single": 0.98, "holdout": 0.98, "multi-turn": 0.85}
+TARGETS = {"single": 0.98, "holdout": 0.98, "multi-turn": 0.85, "multi-turn holdout": 0.85}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -81,17 +81,21 @@ def main() -> None:
                 print(f"  {item['id']} gold={item['level']} got={got}: {item['text']}")
         report(name, rows, args.errors)
 
-    rows = []
-    for item in read_jsonl(DATA / "exchanges.jsonl"):
-        turns = item["user_turns"]
-        level = RiskLevel.NONE
-        for index, turn in enumerate(turns):
-            assessed = screener.screen_turns(turn, turns[:index]).level
-            level = max(level, assessed, key=lambda value: value.rank)
-        rows.append((item["lang"], item["level"], level.value))
-        if args.errors and level.value != item["level"]:
-            print(f"  {item['id']} gold={item['level']} got={level.value}: {turns}")
-    report("multi-turn", rows, args.errors)
+    for name, file in (
+        ("multi-turn", "exchanges.jsonl"),
+        ("multi-turn holdout", "holdout_exchanges.jsonl"),
+    ):
+        rows = []
+        for item in read_jsonl(DATA / file):
+            turns = item["user_turns"]
+            level = RiskLevel.NONE
+            for index, turn in enumerate(turns):
+                assessed = screener.screen_turns(turn, turns[:index]).level
+                level = max(level, assessed, key=lambda value: value.rank)
+            rows.append((item["lang"], item["level"], level.value))
+            if args.errors and level.value != item["level"]:
+                print(f"  {item['id']} gold={item['level']} got={level.value}: {turns}")
+        report(name, rows, args.errors)
 
     replies = ReplyScreener.load(ROOT / "config/safety/reply_rules.yaml")
     reply_rows = []

@@ -146,7 +146,7 @@ class Lexicon:
     third_party_subjects: re.Pattern[str]
     first_person: re.Pattern[str]
     quote_sources: re.Pattern[str]
-    # Message-wide cues: academic, recovered, past, present, intrusive.
+    # Message-wide cues: academic, recovered, past, present, intrusive, joking.
     cues: dict[str, re.Pattern[str]]
     version: str = ""
     source: str = ""
@@ -209,7 +209,7 @@ class Lexicon:
             quote_sources=compile_pattern(context["quote_sources"]),
             cues={
                 name: compile_pattern(context[name])
-                for name in ("academic", "recovered", "past", "present", "intrusive")
+                for name in ("academic", "recovered", "past", "present", "intrusive", "joking")
             },
             version=str(data.get("version", "")),
             source=source,
@@ -229,6 +229,9 @@ def compile_pattern(pattern: str | Sequence[str]) -> re.Pattern[str]:
 _PATTERN_LETTER_RUNS = re.compile(r"(?<!\\)([^\W\d_])\1+")
 # Clause ends: a negation or a subject before one of these does not reach past it.
 _CLAUSE_END = re.compile(r"[.!?;,:\n。！？；，：]|\bbut\b|但是|可是|不过")
+# A name followed by these is someone spoken to, not the subject: "爸妈对不起，…".
+_VOCATIVE = re.compile(r"[,，:：]|对不起|谢谢|再见|抱歉")
+_SENTENCE_END = re.compile(r"[.!?;\n。！？；]")
 _QUOTED = re.compile(r'"[^"]{1,300}"|「[^」]{1,300}」|『[^』]{1,300}』|《[^》]{1,300}》')
 
 
@@ -289,7 +292,7 @@ class RiskScreener:
                 if self._negated(normalized, start, term.lang):
                     continue
                 category, level = term.category, term.level
-                if not term.third_party and self._about_someone_else(normalized, start):
+                if not term.third_party and self._about_someone_else(normalized, start, end, term.lang):
                     # A story, the news or a film about someone else is not a risk.
                     if cites_story or (level is RiskLevel.NONE and category not in _WARNING_SIGNS):
                         continue
@@ -304,7 +307,8 @@ class RiskScreener:
         A study or volunteer question counts for nothing, a past described as
         over drops the matches about it, and a past event or an unwanted
         thought is elevated rather than a crisis unless the message also
-        speaks of now.
+        speaks of now. A joke marker ("lol", "哈哈") makes crisis words
+        elevated: the bot checks in, but moderators are not alerted.
         """
         if not found:
             return found
@@ -314,11 +318,11 @@ class RiskScreener:
         if cues["recovered"].search(text):
             found = [match for match in found if match.category not in _RECOVERABLE]
         now = cues["present"].search(text) is not None
-        for cue, category in (("past", "history"), ("intrusive", "intrusive")):
-            if now or not cues[cue].search(text):
+        for cue, category in (("past", "history"), ("intrusive", "intrusive"), ("joking", None)):
+            if (now and cue != "joking") or not cues[cue].search(text):
                 continue
             found = [
-                RiskMatch(match.lang, category, RiskLevel.ELEVATED, match.text)
+                RiskMatch(match.lang, category or match.category, RiskLevel.ELEVATED, match.text)
                 if match.level is RiskLevel.CRISIS and match.category not in _OTHERS
                 else match
                 for match in found
@@ -354,10 +358,26 @@ class RiskScreener:
         after_cue = clause[cues[-1].end() :]
         return self.lexicon.negation_breakers.search(after_cue) is None
 
-    def _about_someone_else(self, text: str, start: int) -> bool:
-        clause = self._clause_before(text, start, 40)
-        subjects = list(self.lexicon.third_party_subjects.finditer(clause))
-        if not subjects:
-            return False
-        # "my friend says I should just die" is still about the writer.
-        return self.lexicon.first_person.search(clause[subjects[-1].end() :]) is None
+    def _about_someone_else(self, text: str, start: int, end: int, lang: str) -> bool:
+        subjects = self.lexicon.third_party_subjects
+        if lang == "zh":
+            # Chinese drops "我" freely, so only a topic counts: a person named at the
+            # start of the sentence or of the match's comma-clause ("朋友说她想死").
+            before = text[max(0, start - 60) : start]
+            ends = list(_SENTENCE_END.finditer(before))
+            sentence = before[ends[-1].end() :].lstrip() if ends else before.lstrip()
+            comma_clause = re.split(r"[,，]", sentence)[-1].lstrip()
+            topic = subjects.match(comma_clause) or subjects.match(sentence)
+            if topic is None or _VOCATIVE.match(sentence, topic.end()):
+                return False
+            clause = comma_clause if subjects.match(comma_clause) else sentence
+            found = [topic]
+        else:
+            clause = self._clause_before(text, start, 40)
+            found = list(subjects.finditer(clause))
+            if not found:
+                return False
+        # "my friend says I should just die" and "so she's cared for after I'm gone"
+        # are still about the writer.
+        after_subject = clause[found[-1].end() :] + " " + text[start:end]
+        return self.lexicon.first_person.search(after_subject) is None
