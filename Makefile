@@ -33,6 +33,7 @@ bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/generation.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/telegram_e2e.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/discord_e2e.py
+	$(BIN)/python bench/safety/screening.py
 
 lint: install
 	$(BIN)/ruff check .

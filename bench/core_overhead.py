@@ -27,13 +27,14 @@ import asyncpg
 from sqlalchemy import insert, select, text
 from sqlalchemy.engine import make_url
 
-from core.config import DatabaseSettings
+from core.config import BreakReminderSettings, DatabaseSettings
 from core.generation.base import SamplingParams
 from core.manager import ConversationManager, IncomingMessage
 from core.prompt import PromptBuilder
 from core.storage import db, repository
 from core.storage.models import Role, Turn, utcnow
 from tests.helpers.fakes import FakeGenerator
+from tests.helpers.safety import build_guard
 
 DEFAULT_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 
@@ -123,6 +124,9 @@ async def run_database(label: str, url: str, messages: int) -> None:
         ),
         sampling=SamplingParams(),
         timeout_s=30,
+        # The full path: risk screening of every turn, reply screening, break reminders.
+        safety=build_guard(sessions),
+        break_reminder=BreakReminderSettings(),
     )
 
     try:

@@ -98,26 +98,29 @@ def main() -> None:
         report(name, rows, args.errors)
 
     replies = ReplyScreener.load(ROOT / "config/safety/reply_rules.yaml")
-    reply_rows = []
-    for item in read_jsonl(DATA / "replies.jsonl"):
-        at_risk = screener.screen(item["user"]).level is not RiskLevel.NONE
-        verdict = replies.screen(item["reply"], user_at_risk=at_risk)
-        got = "unsafe" if verdict.unsafe else "safe"
-        reply_rows.append((item["lang"], item["label"], got))
-        if args.errors and got != item["label"]:
-            print(f"  {item['id']} gold={item['label']} got={got}: {item['reply']}")
-    print(f"\n== reply screening: {len(reply_rows)} replies ==")
-    for lang in sorted({row[0] for row in reply_rows}):
-        pairs = [(gold, got) for row_lang, gold, got in reply_rows if row_lang == lang]
-        precision, recall, count = precision_recall(pairs, "unsafe")
-        print(f"{lang:5} unsafe n={count:3d} precision {precision:.3f} recall {recall:.3f}")
+    for name, file in (("replies", "replies.jsonl"), ("replies holdout", "holdout_replies.jsonl")):
+        reply_rows = []
+        for item in read_jsonl(DATA / file):
+            at_risk = screener.screen(item["user"]).level is not RiskLevel.NONE
+            verdict = replies.screen(item["reply"], user_at_risk=at_risk)
+            got = "unsafe" if verdict.unsafe else "safe"
+            reply_rows.append((item["lang"], item["label"], got))
+            if args.errors and got != item["label"]:
+                print(f"  {item['id']} gold={item['label']} got={got}: {item['reply']}")
+        print(f"\n== reply screening, {name}: {len(reply_rows)} replies ==")
+        for lang in sorted({row[0] for row in reply_rows}):
+            pairs = [(gold, got) for row_lang, gold, got in reply_rows if row_lang == lang]
+            precision, recall, count = precision_recall(pairs, "unsafe")
+            print(f"{lang:5} unsafe n={count:3d} precision {precision:.3f} recall {recall:.3f}")
 
     texts = [item["text"] for item in read_jsonl(DATA / "messages.jsonl")]
     timings = []
+    # A screener without a cache, so every screening does the full work.
+    uncached = RiskScreener(screener.lexicon, cache_size=0)
     for _ in range(5):
         for text in texts:
             started = time.perf_counter()
-            screener.screen(text)
+            uncached.screen(text)
             timings.append((time.perf_counter() - started) * 1000)
     timings.sort()
     p50 = statistics.median(timings)

@@ -16,6 +16,7 @@ that only shows across turns is caught.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -238,9 +239,11 @@ _QUOTED = re.compile(r'"[^"]{1,300}"|「[^」]{1,300}」|『[^』]{1,300}』|《
 class RiskScreener:
     """Screen user turns for risk with a lexicon; pure Python, no I/O after loading."""
 
-    def __init__(self, lexicon: Lexicon, *, window_turns: int = 6) -> None:
+    def __init__(self, lexicon: Lexicon, *, window_turns: int = 6, cache_size: int = 8192) -> None:
         self.lexicon = lexicon
         self._window_turns = window_turns
+        # Earlier turns are screened again with every new message; the cache makes that free.
+        self._cached_matches = functools.lru_cache(maxsize=cache_size)(self._find_matches)
 
     def normalize(self, text: str) -> str:
         return normalize_for_screening(text, self.lexicon.emoji)
@@ -270,9 +273,13 @@ class RiskScreener:
         return single
 
     def find_matches(self, text: str) -> list[RiskMatch]:
+        """Return the lexicon matches in ``text`` that count after negation and context."""
+        return list(self._cached_matches(text))
+
+    def _find_matches(self, text: str) -> tuple[RiskMatch, ...]:
         normalized = self.normalize(text)
         if not normalized:
-            return []
+            return ()
         lexicon = self.lexicon
         excluded = [
             match.span() for pattern in lexicon.exclusions for match in pattern.finditer(normalized)
@@ -292,14 +299,16 @@ class RiskScreener:
                 if self._negated(normalized, start, term.lang):
                     continue
                 category, level = term.category, term.level
-                if not term.third_party and self._about_someone_else(normalized, start, end, term.lang):
+                if not term.third_party and self._about_someone_else(
+                    normalized, start, end, term.lang
+                ):
                     # A story, the news or a film about someone else is not a risk.
                     if cites_story or (level is RiskLevel.NONE and category not in _WARNING_SIGNS):
                         continue
                     category, level = "third_party_worry", RiskLevel.ELEVATED
                 found.append(RiskMatch(term.lang, category, level, match.group()))
                 break
-        return self._apply_context(normalized, found)
+        return tuple(self._apply_context(normalized, found))
 
     def _apply_context(self, text: str, found: list[RiskMatch]) -> list[RiskMatch]:
         """Discount matches by what the whole message says about them.
