@@ -94,7 +94,7 @@ def test_interactive_chat_keeps_history(tmp_path: Path, cli_env: dict[str, str])
 def test_db_commands(tmp_path: Path, cli_env: dict[str, str]) -> None:
     assert run_cli("db", "upgrade", env=cli_env).returncode == 0
     current = run_cli("db", "current", env=cli_env)
-    assert "0001" in current.stdout + current.stderr
+    assert "(head)" in current.stdout + current.stderr
 
     assert run_cli("db", "downgrade", "base", env=cli_env).returncode == 0
     with sqlite3.connect(tmp_path / "cli.db") as connection:
