@@ -23,7 +23,14 @@ from core.safety.screening import Lexicon, RiskLevel, RiskScreener  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 LEVELS = [level.value for level in RiskLevel]
-TARGETS = {"single": 0.98, "holdout": 0.98, "multi-turn": 0.85, "multi-turn holdout": 0.85}
+TARGETS = {
+    "single": 0.98,
+    "single dev2": 0.98,
+    "holdout": 0.98,
+    "multi-turn": 0.85,
+    "multi-turn dev2": 0.85,
+    "multi-turn holdout": 0.85,
+}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -72,7 +79,11 @@ def main() -> None:
 
     screener = RiskScreener(Lexicon.load(ROOT / "config/safety/lexicon.yaml"))
 
-    for name, file in (("single", "messages.jsonl"), ("holdout", "holdout.jsonl")):
+    for name, file in (
+        ("single", "messages.jsonl"),
+        ("single dev2", "dev_messages.jsonl"),
+        ("holdout", "holdout.jsonl"),
+    ):
         rows = []
         for item in read_jsonl(DATA / file):
             got = screener.screen(item["text"]).level.value
@@ -83,6 +94,7 @@ def main() -> None:
 
     for name, file in (
         ("multi-turn", "exchanges.jsonl"),
+        ("multi-turn dev2", "dev_exchanges.jsonl"),
         ("multi-turn holdout", "holdout_exchanges.jsonl"),
     ):
         rows = []

@@ -50,6 +50,12 @@ _SPACED_SEPARATORS = re.compile(r"[ ._\-]")
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _CJK_GAP = re.compile(rf"(?<=[{_CJK}])[\s._\-*·]+(?=[{_CJK}])")
 _WHITESPACE = re.compile(r"\s+")
+# Traditional characters of the words the lexicon uses, read as simplified, so a
+# message from Hong Kong or Taiwan matches the same patterns. Not a full converter.
+_TRADITIONAL = str.maketrans(
+    "藥樓頂橋邊殺說幫東帳號碼寫書讓會發現經這個們時麼還沒對為來後裡點覺開關見給謝別難過從應該錢鐵軌車庫氣準備劃傷殘絕緒壓煩機電話結斷離媽爺醫學隨陽臺戶嗎餘帶記繩燒農戲劇語詞聽夢請問題課論員練線熱確認雙親愛懷無歲體頭臉靜靈處場邊飛萬與們讀變當盡歡樂貓養錯誰麵衝淚聲換買賣選層陽護欄監視電郵腦術轉換厭緊張擔負責傳訊鬱憂慮癥態",
+    "药楼顶桥边杀说帮东账号码写书让会发现经这个们时么还没对为来后里点觉开关见给谢别难过从应该钱铁轨车库气准备划伤残绝绪压烦机电话结断离妈爷医学随阳台户吗余带记绳烧农戏剧语词听梦请问题课论员练线热确认双亲爱怀无岁体头脸静灵处场边飞万与们读变当尽欢乐猫养错谁面冲泪声换买卖选层阳护栏监视电邮脑术转换厌紧张担负责传讯郁忧虑症态",
+)
 # Any character repeated: "soooo" -> "so", "哈哈哈" -> "哈".
 _REPEATS = re.compile(r"(.)\1+", re.DOTALL)
 
@@ -63,12 +69,14 @@ def normalize_for_screening(text: str, emoji: Mapping[str, str] | None = None) -
     """Return ``text`` in the one spelling that the risk lexicon is written against.
 
     Steps: compatibility forms (full-width letters and digits become ASCII),
-    case folding, ASCII quotes, invisible characters and Discord markup removed,
+    case folding, common traditional characters read as simplified, ASCII
+    quotes, invisible characters and Discord markup removed,
     ``emoji`` replaced by words, letter-like digits inside words read as
     letters, spaced-out letters and CJK characters joined, repeated characters
     squeezed, whitespace collapsed.
     """
     text = unicodedata.normalize("NFKC", text).casefold()
+    text = text.translate(_TRADITIONAL)
     text = text.translate(_QUOTES)
     text = _INVISIBLE.sub("", text)
     text = _MARKUP.sub("", text)

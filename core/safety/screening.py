@@ -147,7 +147,8 @@ class Lexicon:
     third_party_subjects: re.Pattern[str]
     first_person: re.Pattern[str]
     quote_sources: re.Pattern[str]
-    # Message-wide cues: academic, recovered, past, present, intrusive, joking.
+    # Message-wide cues: academic, recovered, past, present, intrusive, joking,
+    # no_plan and ordinary_goodbye.
     cues: dict[str, re.Pattern[str]]
     version: str = ""
     source: str = ""
@@ -210,7 +211,16 @@ class Lexicon:
             quote_sources=compile_pattern(context["quote_sources"]),
             cues={
                 name: compile_pattern(context[name])
-                for name in ("academic", "recovered", "past", "present", "intrusive", "joking")
+                for name in (
+                    "academic",
+                    "recovered",
+                    "past",
+                    "present",
+                    "intrusive",
+                    "joking",
+                    "no_plan",
+                    "ordinary_goodbye",
+                )
             },
             version=str(data.get("version", "")),
             source=source,
@@ -316,8 +326,9 @@ class RiskScreener:
         A study or volunteer question counts for nothing, a past described as
         over drops the matches about it, and a past event or an unwanted
         thought is elevated rather than a crisis unless the message also
-        speaks of now. A joke marker ("lol", "哈哈") makes crisis words
-        elevated: the bot checks in, but moderators are not alerted.
+        speaks of now. A joke marker ("lol", "哈哈") or a stated lack of plan
+        makes crisis words elevated: the bot checks in, but moderators are
+        not alerted. An everyday sign-off ("see you tomorrow") is no farewell.
         """
         if not found:
             return found
@@ -326,9 +337,16 @@ class RiskScreener:
             return []
         if cues["recovered"].search(text):
             found = [match for match in found if match.category not in _RECOVERABLE]
+        if cues["ordinary_goodbye"].search(text):
+            found = [match for match in found if match.category != "farewell"]
         now = cues["present"].search(text) is not None
-        for cue, category in (("past", "history"), ("intrusive", "intrusive"), ("joking", None)):
-            if (now and cue != "joking") or not cues[cue].search(text):
+        for cue, category in (
+            ("past", "history"),
+            ("intrusive", "intrusive"),
+            ("joking", None),
+            ("no_plan", None),
+        ):
+            if (now and cue in ("past", "intrusive")) or not cues[cue].search(text):
                 continue
             found = [
                 RiskMatch(match.lang, category or match.category, RiskLevel.ELEVATED, match.text)
