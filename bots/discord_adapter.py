@@ -321,8 +321,8 @@ class DiscordAdapter:
 
     def _register_moderator_commands(self, tree: app_commands.CommandTree) -> None:
         adapter = self
-        # Hidden from members without Manage Messages by default; the role check
-        # below decides, whatever a server's command permissions say.
+        # Hidden from members without Manage Messages by default. The role check
+        # below decides in any case, whatever a server's command permissions are.
         case = app_commands.Group(
             name="case",
             description=_described("case"),

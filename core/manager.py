@@ -31,7 +31,7 @@ from core.locks import KeyedLocks
 from core.prompt import HistoryTurn, PromptBuilder
 from core.safety.screening import NO_RISK, RiskAssessment, RiskLevel
 from core.storage import repository
-from core.storage.models import Conversation, Role, utcnow
+from core.storage.models import Conversation, Role, as_utc, utcnow
 from core.text import sanitize_user_text
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ class ConversationManager:
                 return Reply(kind=ReplyKind.DUPLICATE, text="", locale=self._default_locale)
         kind = ReplyKind.DUPLICATE if stored.duplicate else ReplyKind.EDIT_STORED
         if not stored.duplicate and text.strip():
-            # An edit can turn a harmless message into a crisis; moderators hear of it,
+            # An edit can turn a harmless message into a crisis. Moderators are told,
             # and the user gets the crisis resources without a new model reply.
             assessment, case_id = await self._screen(message, stored, text)
             if assessment.level is RiskLevel.CRISIS and self._safety is not None:
@@ -279,7 +279,7 @@ class ConversationManager:
         assessment, case_id = await self._screen(message, stored, text)
         reply.risk_level, reply.case_id = assessment.level, case_id
 
-        # Step 4: during a hand-off, moderators answer instead of the model.
+        # Step 4: during a hand-off, moderators reply instead of the model.
         if stored.handoff or (case_id is not None and await self._in_handoff(case_id)):
             assert self._safety is not None and case_id is not None
             await self._safety.desk.relay_user_message(case_id, text)
@@ -430,8 +430,8 @@ class ConversationManager:
         stored = _StoredTurn(conversation_id, user_id, turn_id, locale, [])
         if found is not None:
             stored.case_id, stored.handoff = found.active_case_id, found.handoff
-            stored.stretch_started_at = _aware(found.stretch_started_at)
-            stored.break_reminded_at = _aware(found.break_reminded_at)
+            stored.stretch_started_at = as_utc(found.stretch_started_at)
+            stored.break_reminded_at = as_utc(found.break_reminded_at)
         if not history:
             return stored
         rows = await repository.recent_turns(
@@ -439,7 +439,7 @@ class ConversationManager:
         )
         stored.history = _latest_revisions(rows)
         if len(rows) >= 2:
-            stored.previous_turn_at = _aware(rows[-2].created_at)
+            stored.previous_turn_at = as_utc(rows[-2].created_at)
         return stored
 
     def _apology(self, reply: Reply, started: float, message: IncomingMessage) -> Reply:
@@ -561,13 +561,6 @@ def _latest_revisions(rows: list[repository.TurnRow]) -> list[HistoryTurn]:
             content = newest.get(row.platform_message_id, content)
         history.append(HistoryTurn(row.role.value, content))
     return history
-
-
-def _aware(moment: dt.datetime | None) -> dt.datetime | None:
-    """Return ``moment`` in UTC; SQLite returns stored times without their zone."""
-    if moment is None or moment.tzinfo is not None:
-        return moment
-    return moment.replace(tzinfo=dt.UTC)
 
 
 def _is_plain(value: object) -> bool:

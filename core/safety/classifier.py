@@ -29,7 +29,7 @@ _JSON_OBJECT = re.compile(r"\{[^{}]*\}")
 
 
 class LlmRiskClassifier:
-    """Ask a generator to rate the newest user turn; None when it fails or answers nonsense."""
+    """Ask a generator to rate the newest user turn; None when it fails or returns no level."""
 
     def __init__(self, generator: Generator, *, timeout_s: float) -> None:
         self._generator = generator

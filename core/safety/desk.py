@@ -26,7 +26,16 @@ from core.config import SafetySettings
 from core.pseudonym import Pseudonymizer
 from core.safety.screening import RiskAssessment, RiskLevel
 from core.storage import repository
-from core.storage.models import CaseAction, CaseStatus, Conversation, Role, SafetyCase, User, utcnow
+from core.storage.models import (
+    CaseAction,
+    CaseStatus,
+    Conversation,
+    Role,
+    SafetyCase,
+    User,
+    as_utc,
+    utcnow,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -41,7 +50,7 @@ class Delivery(enum.Enum):
 
 
 class PlatformLink(Protocol):
-    """What an adapter offers the desk: its moderator channel and a way to reach its users."""
+    """An adapter's services to the desk: posting to its moderator channel and sending to users."""
 
     platform: str
 
@@ -56,7 +65,7 @@ class PlatformLink(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Actor:
-    """Who runs a moderator command; adapters set ``is_moderator`` from roles or ids."""
+    """The person running a moderator command; adapters set ``is_moderator`` from roles or ids."""
 
     platform: str
     user_id: str
@@ -94,7 +103,7 @@ class CaseView:
 
 @dataclass(frozen=True, slots=True)
 class _Target:
-    """Where to reach the user behind a case."""
+    """The platform address and locale of the user behind a case."""
 
     platform: str
     platform_user_id: str
@@ -253,7 +262,7 @@ class SafetyDesk:
         return i18n.text("case_acknowledged", self._locale, case_id=case_id, actor=actor.label)
 
     async def hand_off(self, actor: Actor, case_id: int) -> str:
-        """Stop the model for the case's user and tell them a person will answer."""
+        """Silence the model for the case's user and tell them a person will reply."""
         if refused := self._refusal(actor, "hand off"):
             return refused
         now = self._now()
@@ -311,7 +320,7 @@ class SafetyDesk:
         return i18n.text("case_reply_sent", self._locale, case_id=case_id)
 
     async def resolve(self, actor: Actor, case_id: int, note: str) -> str:
-        """Close the case with a note; the model answers the user again."""
+        """Close the case with a note, after which the model replies to the user again."""
         if refused := self._refusal(actor, "resolve"):
             return refused
         note = note.strip()
@@ -403,7 +412,7 @@ class SafetyDesk:
     # Reminders
 
     async def repost_unacknowledged(self) -> int:
-        """Post open crisis cases that nobody acknowledged in time again; return how many."""
+        """Post again the open crisis cases not acknowledged in time; return their count."""
         now = self._now()
         cutoff = now - dt.timedelta(seconds=self._settings.renotify_after_s)
         async with self._sessions() as session:
@@ -471,7 +480,7 @@ class SafetyDesk:
         if newest.status is not CaseStatus.RESOLVED:
             return newest
         episode = dt.timedelta(minutes=self._settings.episode_minutes)
-        resolved_at = _aware(newest.resolved_at)
+        resolved_at = as_utc(newest.resolved_at)
         if include_resolved and resolved_at is not None and now - resolved_at < episode:
             return newest
         return None
@@ -612,10 +621,3 @@ def _add_action(
     now: dt.datetime,
 ) -> None:
     session.add(CaseAction(case_id=case_id, action=action, actor=actor, note=note, created_at=now))
-
-
-def _aware(moment: dt.datetime | None) -> dt.datetime | None:
-    """Return ``moment`` with UTC attached when the database returned it without a zone (SQLite)."""
-    if moment is None or moment.tzinfo is not None:
-        return moment
-    return moment.replace(tzinfo=dt.UTC)

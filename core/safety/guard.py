@@ -67,7 +67,7 @@ class SafetyGuard:
         """Screen a user turn with the lexicon, then ask the classifier when one is set up.
 
         The classifier can raise the level but never lower it: a lexicon
-        crisis stays a crisis whatever the model says.
+        crisis stays a crisis whatever the model returns.
         """
         lexical = self.screener.screen_turns(text, earlier_user_turns)
         if (

@@ -51,7 +51,7 @@ class CrisisResources:
         return resources
 
     def regions_for(self, locale: str, hint: str | None) -> list[str]:
-        """Return the regions whose resources a user with this locale and language hint sees."""
+        """Return the regions whose resources are shown for this locale and language hint."""
         if hint:
             lowered = hint.strip().lower().replace("_", "-")
             for key in (lowered, lowered.split("-")[0]):

@@ -329,7 +329,8 @@ async def test_risk_across_turns_opens_a_case(harness: Harness) -> None:
 async def test_break_reminder_after_two_hours(harness: Harness) -> None:
     first = await harness.manager.handle(message("hi"))
     second = await harness.manager.handle(message("still here"))
-    assert "break" not in first.text and "break" not in second.text
+    assert "break" not in first.text
+    assert "break" not in second.text
 
     # Two hours and a minute of talk with no pause of 30 minutes.
     async with harness.sessions.begin() as session:
