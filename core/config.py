@@ -128,6 +128,9 @@ class RiskClassifierSettings(_Section):
     timeout_s: float = Field(10.0, gt=0)
     # Lowest lexicon level that is sent for a second opinion; "none" sends every message.
     from_level: Literal["none", "elevated"] = "none"
+    # Which generated replies the model checks too, after the reply rules passed them:
+    # none, those to users at risk (elevated or crisis), or all.
+    check_replies: Literal["off", "at_risk", "all"] = "at_risk"
 
 
 class BreakReminderSettings(_Section):

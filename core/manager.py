@@ -320,7 +320,7 @@ class ConversationManager:
         # Step 7: reply screening. A reply that could hurt never reaches the user.
         screened: list[str] = []
         if self._safety is not None:
-            verdict = self._safety.screen_reply(result.text, assessment.level)
+            verdict = await self._safety.screen_reply(result.text, assessment.level, text)
             if verdict.unsafe:
                 screened = list(verdict.categories)
                 _LOGGER.warning(

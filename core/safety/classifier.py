@@ -25,6 +25,22 @@ Read the user's recent messages (oldest first) and rate the risk after the newes
   questions for study, negations ("I would never hurt myself").
 Messages may be in Chinese or English. Answer with JSON only: {"level": "none|elevated|crisis"}"""
 
+_REPLY_INSTRUCTIONS = """You check replies that a mental-health support chatbot is about to send.
+The reply is unsafe when it does any of these:
+- "method": gives or hints at a way, means, dose, place or combination for self-harm or suicide,
+  or helps get or hide the means;
+- "encouragement": agrees the user should die or hurt themselves, approves or praises it;
+- "claims_human": says it is a human, a real person, a staff member or a volunteer;
+- "claims_therapist": says it is a licensed therapist, psychologist, counsellor or doctor;
+- "dismisses_crisis": brushes off a user who says they are in danger or at risk.
+Supportive replies, referrals to hotlines or professionals, and saying it is an AI are safe.
+Text may be in Chinese or English. Answer with JSON only:
+{"unsafe": true|false, "categories": ["method", ...]}"""
+
+REPLY_CATEGORIES = frozenset(
+    {"method", "encouragement", "claims_human", "claims_therapist", "dismisses_crisis"}
+)
+
 _JSON_OBJECT = re.compile(r"\{[^{}]*\}")
 
 
@@ -35,6 +51,7 @@ class LlmRiskClassifier:
         self._generator = generator
         self._timeout_s = timeout_s
         self._sampling = SamplingParams(max_new_tokens=24, temperature=0.0, top_p=1.0)
+        self._reply_sampling = SamplingParams(max_new_tokens=48, temperature=0.0, top_p=1.0)
 
     @property
     def generator(self) -> Generator:
@@ -56,6 +73,25 @@ class LlmRiskClassifier:
             return None
         return parse_level(result.text)
 
+    async def check_reply(self, user_text: str, reply: str) -> tuple[str, ...] | None:
+        """Return the unsafe categories the model finds in ``reply`` (empty when safe).
+
+        None when the model fails or its answer cannot be read.
+        """
+        messages = [
+            ChatMessage("system", _REPLY_INSTRUCTIONS),
+            ChatMessage("user", f"User message:\n{user_text}\n\nChatbot reply:\n{reply}"),
+        ]
+        try:
+            result = await asyncio.wait_for(
+                self._generator.generate(messages, self._reply_sampling),
+                timeout=self._timeout_s,
+            )
+        except (GenerationError, TimeoutError) as exc:
+            _LOGGER.warning("Reply check failed: %s: %s", type(exc).__name__, exc)
+            return None
+        return parse_reply_verdict(result.text)
+
 
 def parse_level(answer: str) -> RiskLevel | None:
     """Read the level from the classifier's answer: JSON first, else a bare level word."""
@@ -71,4 +107,26 @@ def parse_level(answer: str) -> RiskLevel | None:
     if len(found) == 1:
         return found[0]
     _LOGGER.warning("Risk classifier answered without a level: %.80r", answer)
+    return None
+
+
+def parse_reply_verdict(answer: str) -> tuple[str, ...] | None:
+    """Read ``{"unsafe": bool, "categories": [...]}``; unknown categories become "other"."""
+    for candidate in _JSON_OBJECT.findall(answer.replace("\n", " ")):
+        try:
+            data = json.loads(candidate)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("unsafe"), bool):
+            continue
+        if not data["unsafe"]:
+            return ()
+        categories = data.get("categories") or []
+        found = tuple(
+            category if category in REPLY_CATEGORIES else "other"
+            for category in categories
+            if isinstance(category, str)
+        )
+        return found or ("other",)
+    _LOGGER.warning("Reply check answered without a verdict: %.80r", answer)
     return None

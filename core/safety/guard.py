@@ -35,6 +35,8 @@ class SafetyGuard:
     guidance: Mapping[str, Mapping[str, str]]
     classifier: LlmRiskClassifier | None = None
     classifier_from: RiskLevel = RiskLevel.NONE
+    # off, at_risk or all: which replies the classifier checks after the reply rules.
+    check_replies: str = "off"
 
     @classmethod
     def from_settings(
@@ -61,6 +63,7 @@ class SafetyGuard:
             guidance=load_guidance(GUIDANCE_FILE),
             classifier=_classifier(settings, secrets),
             classifier_from=RiskLevel(safety.classifier.from_level),
+            check_replies=safety.classifier.check_replies,
         )
 
     async def assess(self, text: str, earlier_user_turns: Sequence[str]) -> RiskAssessment:
@@ -87,8 +90,22 @@ class SafetyGuard:
             return None
         return notes.get(locale) or notes.get("en")
 
-    def screen_reply(self, reply: str, level: RiskLevel) -> ReplyVerdict:
-        return self.replies.screen(reply, user_at_risk=level is not RiskLevel.NONE)
+    async def screen_reply(self, reply: str, level: RiskLevel, user_text: str) -> ReplyVerdict:
+        """Check a generated reply with the reply rules, then with the classifier when set up.
+
+        A reply the classifier cannot judge (it failed or answered nonsense)
+        keeps the rules' verdict.
+        """
+        at_risk = level is not RiskLevel.NONE
+        verdict = self.replies.screen(reply, user_at_risk=at_risk)
+        if verdict.unsafe or self.classifier is None or self.check_replies == "off":
+            return verdict
+        if self.check_replies == "at_risk" and not at_risk:
+            return verdict
+        categories = await self.classifier.check_reply(user_text, reply)
+        if categories:
+            return ReplyVerdict(True, categories)
+        return verdict
 
     def crisis_resources(self, locale: str, hint: str | None) -> str:
         return self.resources.render(locale, hint)

@@ -11,7 +11,7 @@ import yaml
 from core.config import CONFIG_DIR
 from core.errors import ConfigError
 from core.generation.openai_compat import OpenAICompatGenerator
-from core.safety.classifier import LlmRiskClassifier, parse_level
+from core.safety.classifier import LlmRiskClassifier, parse_level, parse_reply_verdict
 from core.safety.replies import ReplyScreener
 from core.safety.resources import CrisisResources
 from core.safety.screening import RiskLevel
@@ -191,3 +191,61 @@ async def test_classifier_raises_but_never_lowers(sqlite_url: str) -> None:
     assert kept.level is RiskLevel.CRISIS
     assert lowered_attempt.level is RiskLevel.NONE
     assert lowered_attempt.classifier_level is RiskLevel.NONE
+
+
+@pytest.mark.parametrize(
+    ("answer", "categories"),
+    [
+        ('{"unsafe": false, "categories": []}', ()),
+        ('{"unsafe": true, "categories": ["method"]}', ("method",)),
+        ('Here:\n{"unsafe": true,\n "categories": ["made_up"]}', ("other",)),
+        ('{"unsafe": true}', ("other",)),
+        ("I cannot judge that.", None),
+    ],
+)
+def test_reply_verdict_parsing(answer: str, categories: tuple[str, ...] | None) -> None:
+    assert parse_reply_verdict(answer) == categories
+
+
+async def test_classifier_checks_replies_to_users_at_risk(sqlite_url: str) -> None:
+    from core.config import DatabaseSettings, RiskClassifierSettings
+    from core.storage import db
+    from tests.helpers.safety import build_guard
+
+    engine = db.create_engine(DatabaseSettings(url=sqlite_url))
+    with OpenAIStandIn() as server:
+        guard = build_guard(
+            db.create_session_factory(engine),
+            classifier=RiskClassifierSettings(
+                enabled=True, base_url=server.base_url, model="standin-model"
+            ),
+        )
+        assert guard.classifier is not None
+        await guard.classifier.generator.start()
+        server.script(
+            Reply(text='{"unsafe": true, "categories": ["method"]}'),
+            Reply(text='{"unsafe": false, "categories": []}'),
+        )
+        try:
+            flagged = await guard.screen_reply(
+                "Somewhere quiet where nobody looks would suit you.",
+                RiskLevel.CRISIS,
+                "I'm going tonight",
+            )
+            passed = await guard.screen_reply(
+                "I'm here with you. Can you call 988 now?", RiskLevel.CRISIS, "I'm going tonight"
+            )
+            asked = len(server.requests)
+            # A user not at risk: with the default "at_risk", the model is not asked.
+            ordinary = await guard.screen_reply("Sounds like a nice day!", RiskLevel.NONE, "hi")
+        finally:
+            await guard.classifier.generator.stop()
+            await engine.dispose()
+
+    assert flagged.unsafe
+    assert flagged.categories == ("method",)
+    assert not passed.unsafe
+    assert not ordinary.unsafe
+    assert asked == 2
+    assert len(server.requests) == 2
+    assert "Chatbot reply:\nSomewhere quiet" in server.requests[0].messages[1]["content"]
