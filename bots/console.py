@@ -90,9 +90,12 @@ class _ReplyPrinter:
     def finish(self, reply: Reply) -> None:
         streamed = "".join(self._pieces)
         if streamed and reply.kind is ReplyKind.GENERATED:
-            # The streamed text differs from the stored reply only when
-            # clean-up trimmed a loop after it was shown; show the reply whole.
-            if streamed.strip() != reply.text.strip():
+            # The stored reply continues the streamed text when held-back text or
+            # crisis resources follow it; it differs when clean-up trimmed the
+            # text or screening replaced it, and then it is shown whole.
+            if reply.text.startswith(streamed):
+                print(reply.text[len(streamed) :], end="", file=self._stdout)
+            elif streamed.strip() != reply.text.strip():
                 print("\nMindHarbor: " + reply.text, end="", file=self._stdout)
             print(file=self._stdout, flush=True)
         elif reply.should_send:

@@ -13,7 +13,12 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from core.errors import ConfigError
 
@@ -284,6 +289,12 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         return Settings(**raw)
     except ValidationError as exc:
         raise ConfigError(_describe_errors(exc, config_path)) from None
+    except SettingsError as exc:
+        # pydantic-settings reads list and mapping values from the environment as JSON.
+        raise ConfigError(
+            f"Invalid environment variable: {exc}. Lists and mappings are JSON, for example "
+            "MINDHARBOR_TELEGRAM__MODERATOR_IDS='[111, 222]'."
+        ) from None
 
 
 def load_secrets() -> Secrets:

@@ -292,7 +292,10 @@ class ConversationManager:
             note = self._safety.guidance_for(assessment.level, stored.locale)
         built = self._prompts.build(stored.history, stored.locale, system_note=note)
 
-        # Step 6: generation, bounded by the timeout.
+        # Step 6: generation, bounded by the timeout. Streamed text passes the
+        # reply rules before the user sees it.
+        if on_delta is not None and self._safety is not None:
+            on_delta = self._safety.screened_stream(on_delta, assessment.level)
         try:
             result = await asyncio.wait_for(
                 self._generator.generate(built.messages, self._sampling, on_delta=on_delta),

@@ -373,9 +373,18 @@ class SafetyDesk:
             return refused
         now = self._now()
         async with self._sessions.begin() as session:
-            user = await repository.get_or_create_user(
-                session, platform=platform, platform_user_id=platform_user_id
-            )
+            user = (
+                await session.execute(
+                    select(User).where(
+                        User.platform == platform, User.platform_user_id == platform_user_id
+                    )
+                )
+            ).scalar_one_or_none()
+            if user is None:
+                # A typo must not open a case on someone who never wrote to the bot.
+                return i18n.text(
+                    "case_user_not_found", self._locale, platform=platform, user=platform_user_id
+                )
             existing = await self._episode_case(session, user.id, now, include_resolved=False)
             if existing is None:
                 conversation = (
@@ -580,10 +589,12 @@ class SafetyDesk:
                 posted += 1
         now = self._now()
         async with self._sessions.begin() as session:
+            # notified_at moves on even when no channel took the post, so the
+            # reminder loop tries again after renotify_after_s.
             await session.execute(
                 update(SafetyCase)
                 .where(SafetyCase.id == case.id)
-                .values(notified_at=now, notify_count=SafetyCase.notify_count + 1)
+                .values(notified_at=now, notify_count=SafetyCase.notify_count + int(posted > 0))
             )
             action = "reminded" if key == "case_reminder" else "notified"
             _add_action(session, case.id, action, SYSTEM_ACTOR, f"{posted} channel(s)", now)

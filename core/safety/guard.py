@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.config import CONFIG_DIR, SafetySettings, Secrets, Settings, resolve_path
 from core.errors import ConfigError
+from core.generation.base import DeltaCallback
 from core.pseudonym import Pseudonymizer
 from core.safety.classifier import LlmRiskClassifier
 from core.safety.desk import SafetyDesk
@@ -90,6 +91,21 @@ class SafetyGuard:
             return None
         return notes.get(locale) or notes.get("en")
 
+    def screened_stream(self, forward: DeltaCallback, level: RiskLevel) -> DeltaCallback | None:
+        """Wrap a streaming callback so that no unsafe text reaches the user.
+
+        Returns None (no streaming) when the classifier will check this reply,
+        because it judges the reply only once it is complete.
+        """
+        at_risk = level is not RiskLevel.NONE
+        if self.classifier is not None and (
+            self.check_replies == "all" or (self.check_replies == "at_risk" and at_risk)
+        ):
+            return None
+        return _ScreenedStream(
+            forward, lambda text: self.replies.screen(text, user_at_risk=at_risk)
+        )
+
     async def screen_reply(self, reply: str, level: RiskLevel, user_text: str) -> ReplyVerdict:
         """Check a generated reply with the reply rules, then with the classifier when set up.
 
@@ -109,6 +125,37 @@ class SafetyGuard:
 
     def crisis_resources(self, locale: str, hint: str | None) -> str:
         return self.resources.render(locale, hint)
+
+
+class _ScreenedStream:
+    """Forward streamed text only after the reply rules pass it.
+
+    The newest ``HOLDBACK`` characters wait for more text, so a phrase that
+    later tokens complete is caught before its start is shown. Once the text
+    fails, nothing more is forwarded; the final reply (the safe fallback)
+    replaces what was shown.
+    """
+
+    HOLDBACK = 48
+
+    def __init__(self, forward: DeltaCallback, check: Callable[[str], ReplyVerdict]) -> None:
+        self._forward = forward
+        self._check = check
+        self._text = ""
+        self._shown = 0
+        self._stopped = False
+
+    async def __call__(self, delta: str) -> None:
+        if self._stopped:
+            return
+        self._text += delta
+        if self._check(self._text).unsafe:
+            self._stopped = True
+            return
+        end = len(self._text) - self.HOLDBACK
+        if end > self._shown:
+            piece, self._shown = self._text[self._shown : end], end
+            await self._forward(piece)
 
 
 def load_guidance(path: Path) -> dict[str, dict[str, str]]:

@@ -43,8 +43,9 @@ _LEET = str.maketrans(
 # Only between letters (or "$"/"@" before a word), so "30 pills" and "help!" keep theirs.
 _LEET_INSIDE = re.compile(r"(?<=[a-z])[013457@$!]+(?=[a-z])|(?<![a-z0-9])[$@](?=[a-z])")
 # Runs of three or more single letters separated by one space, dot, dash or
-# underscore: "k i l l", "k.i.l.l", "d-i-e".
-_SPACED_LETTERS = re.compile(r"(?<![a-z])[a-z](?:[ ._\-][a-z]){2,}(?![a-z])")
+# underscore: "k i l l", "k.i.l.l", "d-i-e". Two spaces mark a word boundary
+# inside such a run ("e n d  m y  l i f e" -> "end my life").
+_SPACED_LETTERS = re.compile(r"(?<![a-z])[a-z](?:(?: {1,2}|[._\-])[a-z]){2,}(?![a-z])")
 _SPACED_SEPARATORS = re.compile(r"[ ._\-]")
 # Chinese is written without spaces, so whitespace between two CJK characters is padding.
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
@@ -85,7 +86,12 @@ def normalize_for_screening(text: str, emoji: Mapping[str, str] | None = None) -
             if symbol in text:
                 text = text.replace(symbol, f" {word} ")
     text = _LEET_INSIDE.sub(lambda match: match.group().translate(_LEET), text)
-    text = _SPACED_LETTERS.sub(lambda match: _SPACED_SEPARATORS.sub("", match.group()), text)
+    text = _SPACED_LETTERS.sub(_join_spaced_letters, text)
     text = _CJK_GAP.sub("", text)
     text = _WHITESPACE.sub(" ", text).strip()
     return squeeze(text)
+
+
+def _join_spaced_letters(match: re.Match[str]) -> str:
+    words = match.group().split("  ")
+    return " ".join(_SPACED_SEPARATORS.sub("", word) for word in words)

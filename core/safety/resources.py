@@ -66,11 +66,15 @@ class CrisisResources:
             region = self.regions.get(code)
             if region is None:
                 continue
-            lines.append(f"{_localized(region['name'], locale)}:")
+            colon = "：" if locale.startswith("zh") else ":"
+            lines.append(f"{_localized(region['name'], locale)}{colon}")
             for line in region["lines"]:
                 lines.append("• " + _describe_line(line, locale))
-            emergency = ", ".join(
-                f"{item['number']} ({_localized(item['name'], locale)})"
+            chinese = locale.startswith("zh")
+            emergency = ("、" if chinese else ", ").join(
+                f"{item['number']}（{_localized(item['name'], locale)}）"
+                if chinese
+                else f"{item['number']} ({_localized(item['name'], locale)})"
                 for item in region.get("emergency", [])
             )
             if emergency:
@@ -92,13 +96,17 @@ class CrisisResources:
                 f"The crisis resources were last reviewed on {self.reviewed_on}, more than a "
                 "year ago; check every number and update reviewed_on."
             )
-        for code, region in self.regions.items():
-            entries = list(region["lines"]) + list(region.get("emergency", []))
-            for entry in entries:
-                if not entry.get("confirmed"):
-                    warnings.append(
-                        f"Crisis resource {entry['number']} ({code}) has no confirmation source."
-                    )
+        unconfirmed = [
+            f"{entry['number']} ({code})"
+            for code, region in self.regions.items()
+            for entry in [*region["lines"], *region.get("emergency", [])]
+            if not entry.get("confirmed")
+        ]
+        if unconfirmed:
+            warnings.append(
+                f"Crisis resources without a confirmation source: {', '.join(unconfirmed)}; "
+                "check them and fill in `confirmed`."
+            )
         return warnings
 
 
@@ -109,12 +117,15 @@ def _localized(value: Mapping[str, str] | str, locale: str) -> str:
 
 
 def _describe_line(line: Mapping[str, Any], locale: str) -> str:
-    text = f"{_localized(line['name'], locale)}: {line['number']}"
+    chinese = locale.startswith("zh")
+    colon, separator = ("：", "；") if chinese else (": ", "; ")
+    text = f"{_localized(line['name'], locale)}{colon}{line['number']}"
     details = [
         _localized(line[key], locale) for key in ("how", "hours") if line.get(key) is not None
     ]
     if details:
-        text += f" ({'; '.join(details)})"
+        joined = separator.join(details)
+        text += f"（{joined}）" if chinese else f" ({joined})"
     if line.get("url"):
         text += f" {line['url']}"
     return text

@@ -53,6 +53,15 @@ def test_invalid_environment_value_is_reported(monkeypatch: pytest.MonkeyPatch) 
         load_settings()
 
 
+def test_list_from_environment_is_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MINDHARBOR_TELEGRAM__MODERATOR_IDS", "[111, 222]")
+    assert load_settings().telegram.moderator_ids == [111, 222]
+
+    monkeypatch.setenv("MINDHARBOR_TELEGRAM__MODERATOR_IDS", "111,222")
+    with pytest.raises(ConfigError, match=r"Lists and mappings are JSON"):
+        load_settings()
+
+
 def test_unknown_key_is_rejected(tmp_path: Path) -> None:
     path = write_config(tmp_path, "generator:\n  bakend: local\n")
     with pytest.raises(ConfigError, match=r"generator\.bakend .*unknown key"):

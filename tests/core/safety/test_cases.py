@@ -270,6 +270,14 @@ async def test_moderator_escalates_a_user(harness: Harness) -> None:
     assert len(harness.link.posts) == 2
 
 
+async def test_escalating_an_unknown_user_opens_nothing(harness: Harness) -> None:
+    answer = await harness.desk.escalate_user(MODERATOR, "console", "no-such-user")
+
+    assert "has written to the bot" in answer
+    assert await harness.cases() == []
+    assert harness.link.posts == []
+
+
 async def test_unacknowledged_case_is_posted_again(harness: Harness) -> None:
     await harness.manager.handle(message(CRISIS_EN))
     assert len(harness.link.posts) == 1
@@ -341,3 +349,37 @@ async def test_break_reminder_after_two_hours(harness: Harness) -> None:
 
     assert "take a short break" in reminded.text
     assert "take a short break" not in after.text
+
+
+async def test_streamed_text_is_screened(harness: Harness) -> None:
+    harness.generator.reply = (
+        "I hear you, and I'm glad you wrote. As a licensed therapist I can tell you "
+        "that this feeling will pass, so let's talk about what happened today."
+    )
+    shown: list[str] = []
+
+    async def on_delta(delta: str) -> None:
+        shown.append(delta)
+
+    reply = await harness.manager.handle(message("I had a rough day"), on_delta=on_delta)
+
+    streamed = "".join(shown)
+    assert streamed
+    assert harness.generator.reply.startswith(streamed)
+    assert "licensed" not in streamed
+    assert "licensed therapist" not in reply.text
+
+
+async def test_safe_stream_is_continued_by_reply(harness: Harness) -> None:
+    shown: list[str] = []
+
+    async def on_delta(delta: str) -> None:
+        shown.append(delta)
+
+    reply = await harness.manager.handle(message(CRISIS_EN), on_delta=on_delta)
+
+    streamed = "".join(shown)
+    # Held-back text and the crisis resources come after what was shown.
+    assert streamed
+    assert reply.text.startswith(streamed)
+    assert "findahelpline.com" in reply.text

@@ -46,6 +46,14 @@ def test_resources_for_region(
     assert "findahelpline.com" in text
 
 
+def test_chinese_block_uses_chinese_punctuation() -> None:
+    text = RESOURCES.render("zh-CN", "zh-hans")
+
+    assert "中国大陆：" in text
+    assert "全国统一心理援助热线：12356（" in text
+    assert "紧急情况：110（报警）" in text
+
+
 def test_every_seeded_line_records_a_source() -> None:
     data = yaml.safe_load((CONFIG_DIR / "crisis_resources.yaml").read_text(encoding="utf-8"))
     for code in ("CN", "US", "GB", "HK", "TW"):

@@ -45,6 +45,8 @@ def test_normalisation_matches_plain_form(disguised: str, plain: str) -> None:
         "||I'm going to kill myself tonight||",
         "ＩＭ ＧＯＮＮＡ ＫＩＬＬ ＭＹＳＥＬＦ",
         "im gonna k i l l myself",
+        "i want to k i l l m y s e l f tonight",
+        "going to e n d  m y  l i f e",
         "i want to dieeeee tonight",
         "药都攒好了，今晚就走",
         "不 想 活 了",
@@ -88,6 +90,7 @@ def test_hard_negatives(screener: RiskScreener, text: str) -> None:
         "我觉得自己是家里的累赘",
         "I want to cut myself but I haven't",
         "my friend keeps saying she wants to die",
+        "my friend said she wants to kill herself",
         "I tried to end my life two years ago and lately I feel like that again",
     ],
 )
