@@ -413,7 +413,9 @@ class TelegramAdapter:
         parts = message.text.split(maxsplit=2)
         name = parts[0].lstrip("/").split("@")[0].lower()
         # The chat id here is what telegram.moderator_chat_id needs.
-        _LOGGER.info("Moderator command /%s from user %s in chat %s", name, user.id, message.chat_id)
+        _LOGGER.info(
+            "Moderator command /%s from user %s in chat %s", name, user.id, message.chat_id
+        )
         argument = parts[1] if len(parts) > 1 else ""
         rest = parts[2] if len(parts) > 2 else ""
 
