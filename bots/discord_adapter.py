@@ -492,8 +492,9 @@ class DiscordAdapter:
         safety = self._manager.safety
         if safety is None:
             return
+        # The target comes from Discord itself, so it exists even if it never wrote to the bot.
         answer = await safety.desk.escalate_user(
-            self._actor(interaction), PLATFORM, str(user_id), excerpt=excerpt
+            self._actor(interaction), PLATFORM, str(user_id), excerpt=excerpt, known_to_exist=True
         )
         await self._followup(interaction, answer)
 

@@ -367,8 +367,14 @@ class SafetyDesk:
         *,
         note: str = "",
         excerpt: str | None = None,
+        known_to_exist: bool = False,
     ) -> str:
-        """Open a case on a user (or escalate their open one) on a moderator's judgement."""
+        """Open a case on a user (or escalate their open one) on a moderator's judgement.
+
+        A typed id must belong to someone who has written to the bot, so that a
+        typo opens nothing; ``known_to_exist`` (a user the platform resolved,
+        such as a context-menu target) skips that check.
+        """
         if refused := self._refusal(actor, "escalate"):
             return refused
         now = self._now()
@@ -380,10 +386,13 @@ class SafetyDesk:
                     )
                 )
             ).scalar_one_or_none()
-            if user is None:
-                # A typo must not open a case on someone who never wrote to the bot.
+            if user is None and not known_to_exist:
                 return i18n.text(
                     "case_user_not_found", self._locale, platform=platform, user=platform_user_id
+                )
+            if user is None:
+                user = await repository.get_or_create_user(
+                    session, platform=platform, platform_user_id=platform_user_id
                 )
             existing = await self._episode_case(session, user.id, now, include_resolved=False)
             if existing is None:
