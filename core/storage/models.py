@@ -77,6 +77,10 @@ class User(Base):
     training_consent: Mapped[bool] = mapped_column(
         Boolean, default=False, server_default=text("false")
     )
+    # When the user agreed to have their conversation stored, and when they last
+    # changed training consent; None means never.
+    storage_consent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    training_consent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Set when the platform reports that messages can no longer reach the user
     # (for example a Telegram user who blocked the bot); cleared when they write again.
     unreachable_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -239,3 +243,50 @@ class CaseAction(Base):
     actor: Mapped[str] = mapped_column(String(80))
     note: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Tombstone(Base):
+    """The keyed pseudonym of a deleted user, kept out of every later export and dataset."""
+
+    __tablename__ = "tombstones"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    pseudonym: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ExportRecord(Base):
+    """One finished anonymised export; the next export starts where this one ended."""
+
+    __tablename__ = "exports"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Turns stored in [period_start, period_end) were considered.
+    period_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    period_end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    path: Mapped[str] = mapped_column(Text)
+    dialogues: Mapped[int] = mapped_column(Integer)
+    turns: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+
+
+class RetentionRun(Base):
+    """A retention purge: how many turns older than the cutoff it deleted."""
+
+    __tablename__ = "retention_runs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    ran_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    cutoff: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    turns_deleted: Mapped[int] = mapped_column(Integer)
+
+
+class JobLock(Base):
+    """A lease on a scheduled job, so two scheduler processes never run it at once."""
+
+    __tablename__ = "job_locks"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    locked_until: Mapped[datetime] = mapped_column(DateTime(timezone=True))
