@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "run", help="start every adapter whose credentials are set (console chat when none is)"
     )
+    commands.add_parser(
+        "export",
+        help="write consented conversations since the last export, anonymised, to "
+        "privacy.export_dir",
+    )
+    commands.add_parser(
+        "purge", help="delete turns older than privacy.retention_days (counts are kept)"
+    )
 
     discord_parser = commands.add_parser("discord", help="Discord administration")
     discord_commands = discord_parser.add_subparsers(
@@ -107,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_run(settings))
         if args.command == "discord":
             return asyncio.run(_discord_sync(args, settings))
+        if args.command == "export":
+            return asyncio.run(_export(settings))
+        if args.command == "purge":
+            return asyncio.run(_purge(settings))
     except ConfigError as exc:
         print(f"mindharbor: {exc}", file=sys.stderr)
         return 2
@@ -159,6 +171,25 @@ async def _run(settings: Settings) -> int:
             await console.run_interactive(service, locale_hint=os.environ.get("LANG"))
             return 0
         await runner.run_until_stopped(adapters)
+    return 0
+
+
+async def _export(settings: Settings) -> int:
+    from core.jobs import run_export
+
+    result = await run_export(settings, load_secrets())
+    print(
+        f"Exported {result.dialogues} dialogues ({result.turns} turns) to {result.path}; "
+        f"manifest {result.manifest_path.name}"
+    )
+    return 0
+
+
+async def _purge(settings: Settings) -> int:
+    from core.jobs import purge_job
+
+    deleted = await purge_job(settings)
+    print(f"Deleted {deleted} turns older than {settings.privacy.retention_days} days")
     return 0
 
 

@@ -146,6 +146,13 @@ class BreakReminderSettings(_Section):
     break_minutes: float = Field(30.0, gt=0)
 
 
+class PrivacySettings(_Section):
+    # Where `mindharbor export` writes; relative to the project root.
+    export_dir: str = "var/exports"
+    # Turns older than this many days are purged by `mindharbor purge`.
+    retention_days: int = Field(365, ge=1)
+
+
 class SafetySettings(_Section):
     # Paths relative to the project root.
     lexicon: str = "config/safety/lexicon.yaml"
@@ -241,6 +248,7 @@ class Settings(BaseSettings):
     prompt: PromptSettings = PromptSettings()
     chat: ChatSettings = ChatSettings()
     safety: SafetySettings = SafetySettings()
+    privacy: PrivacySettings = PrivacySettings()
     telegram: TelegramSettings = TelegramSettings()
     discord: DiscordSettings = DiscordSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -28,7 +28,9 @@ from core.errors import GenerationError
 from core.generation.base import DeltaCallback, FinishReason, Generator, SamplingParams
 from core.generation.postprocess import end_at_sentence
 from core.locks import KeyedLocks
+from core.privacy.export import add_tombstone
 from core.prompt import HistoryTurn, PromptBuilder
+from core.pseudonym import Pseudonymizer
 from core.safety.screening import NO_RISK, RiskAssessment, RiskLevel
 from core.storage import repository
 from core.storage.models import Conversation, Role, as_utc, utcnow
@@ -101,6 +103,7 @@ class ConversationManager:
         default_locale: str = "en",
         safety: SafetyGuard | None = None,
         break_reminder: BreakReminderSettings | None = None,
+        pseudonyms: Pseudonymizer | None = None,
     ) -> None:
         self._sessions = session_factory
         self._generator = generator
@@ -112,6 +115,8 @@ class ConversationManager:
         self._user_locks = KeyedLocks()
         self._safety = safety
         self._break_reminder = break_reminder
+        # Deleted users' pseudonyms become tombstones that keep them out of exports.
+        self._pseudonyms = pseudonyms
 
     @property
     def safety(self) -> SafetyGuard | None:
@@ -213,6 +218,9 @@ class ConversationManager:
                 deleted = await repository.delete_user_data(
                     session, platform=message.platform, platform_user_id=message.user_id
                 )
+                if self._pseudonyms is not None:
+                    pseudonym = self._pseudonyms.pseudonym(message.platform, message.user_id)
+                    await add_tombstone(session, pseudonym)
         _LOGGER.info(
             "Deleted a %s user's data: %d turns in %d conversations",
             message.platform,

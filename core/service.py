@@ -14,7 +14,7 @@ from core.generation import create_generator, sampling_from_settings
 from core.generation.base import Generator
 from core.manager import ConversationManager
 from core.prompt import PromptBuilder, load_system_prompts
-from core.pseudonym import load_pseudonymizer
+from core.pseudonym import Pseudonymizer, load_pseudonymizer
 from core.safety.guard import SafetyGuard
 from core.storage import db
 
@@ -45,6 +45,7 @@ class Service:
         self._engine: AsyncEngine | None = None
         self._manager: ConversationManager | None = None
         self._safety: SafetyGuard | None = None
+        self._pseudonyms: Pseudonymizer | None = None
         self._stop_reminders = asyncio.Event()
         self._reminders: asyncio.Task[None] | None = None
         self.state = ServiceState.CREATED
@@ -73,6 +74,12 @@ class Service:
         if self._safety is None:
             raise RuntimeError("The service is not running; call start() first.")
         return self._safety
+
+    @property
+    def pseudonyms(self) -> Pseudonymizer:
+        if self._pseudonyms is None:
+            raise RuntimeError("The service is not running; call start() first.")
+        return self._pseudonyms
 
     @property
     def engine(self) -> AsyncEngine:
@@ -105,13 +112,12 @@ class Service:
             default_locale=settings.chat.default_locale,
         )
         sessions = db.create_session_factory(self._engine)
+        pseudonyms = load_pseudonymizer(
+            self._secrets, resolve_path(settings.safety.pseudonym_key_file)
+        )
+        self._pseudonyms = pseudonyms
         self._safety = SafetyGuard.from_settings(
-            settings,
-            self._secrets,
-            session_factory=sessions,
-            pseudonyms=load_pseudonymizer(
-                self._secrets, resolve_path(settings.safety.pseudonym_key_file)
-            ),
+            settings, self._secrets, session_factory=sessions, pseudonyms=pseudonyms
         )
         if self._safety.classifier is not None:
             await self._safety.classifier.generator.start()
@@ -125,6 +131,7 @@ class Service:
             default_locale=settings.chat.default_locale,
             safety=self._safety,
             break_reminder=settings.safety.break_reminder,
+            pseudonyms=pseudonyms,
         )
         # Posts crisis cases nobody acknowledged again.
         self._stop_reminders.clear()
