@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "purge", help="delete turns older than privacy.retention_days (counts are kept)"
     )
+    commands.add_parser(
+        "scheduler", help="run scheduled jobs (export, purge) until SIGINT or SIGTERM"
+    )
 
     discord_parser = commands.add_parser("discord", help="Discord administration")
     discord_commands = discord_parser.add_subparsers(
@@ -119,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_export(settings))
         if args.command == "purge":
             return asyncio.run(_purge(settings))
+        if args.command == "scheduler":
+            return asyncio.run(_scheduler(settings))
     except ConfigError as exc:
         print(f"mindharbor: {exc}", file=sys.stderr)
         return 2
@@ -190,6 +195,19 @@ async def _purge(settings: Settings) -> int:
 
     deleted = await purge_job(settings)
     print(f"Deleted {deleted} turns older than {settings.privacy.retention_days} days")
+    return 0
+
+
+async def _scheduler(settings: Settings) -> int:
+    import signal
+
+    from core.scheduler import run_scheduler
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signal_number, stop.set)
+    await run_scheduler(settings, stop)
     return 0
 
 

@@ -153,6 +153,17 @@ class PrivacySettings(_Section):
     retention_days: int = Field(365, ge=1)
 
 
+class SchedulerSettings(_Section):
+    # IANA time zone of the cron times.
+    timezone: str = "UTC"
+    # Crontab lines (minute hour day month weekday); empty turns a job off.
+    export_cron: str = "0 3 * * 1"
+    purge_cron: str = "30 3 * * *"
+    # A run missed by less than this many seconds (the scheduler was down) still runs, once.
+    misfire_grace_s: int = Field(6 * 3600, ge=1)
+    job_timeout_s: float = Field(3600.0, gt=0)
+
+
 class SafetySettings(_Section):
     # Paths relative to the project root.
     lexicon: str = "config/safety/lexicon.yaml"
@@ -249,6 +260,7 @@ class Settings(BaseSettings):
     chat: ChatSettings = ChatSettings()
     safety: SafetySettings = SafetySettings()
     privacy: PrivacySettings = PrivacySettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
     telegram: TelegramSettings = TelegramSettings()
     discord: DiscordSettings = DiscordSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
