@@ -34,6 +34,8 @@ bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/telegram_e2e.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/discord_e2e.py
 	$(BIN)/python bench/safety/screening.py
+	$(BIN)/python bench/export/scrubbing.py
+	$(BIN)/python bench/export/export_speed.py --turns 1000000
 
 lint: install
 	$(BIN)/ruff check .
