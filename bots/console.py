@@ -113,6 +113,12 @@ async def _run_command(
         return await manager.set_locale(message, argument)
     if name in ("/help", "/start"):
         return await manager.notice(message, "help")
+    if name == "/privacy":
+        return await manager.privacy_notice(message)
+    if name in ("/agree", "/withdraw"):
+        return await manager.set_storage_consent(message, name == "/agree")
+    if name in ("/optin", "/optout"):
+        return await manager.set_training_consent(message, name == "/optin")
     return await manager.notice(message, "unknown_command", command=command)
 
 

@@ -23,7 +23,7 @@ from bots.runner import AdapterState
 from core import i18n
 from core.config import DiscordSettings
 from core.locks import KeyedLocks
-from core.manager import ConversationManager, IncomingMessage, Reply
+from core.manager import ConversationManager, IncomingMessage, Reply, ReplyKind
 from core.safety.desk import Actor, Delivery
 
 _LOGGER = logging.getLogger(__name__)
@@ -54,6 +54,14 @@ _DESCRIPTIONS = {
         "删除 MindHarbor 保存的关于你的全部内容",
     ),
     "help": ("How to use MindHarbor", "MindHarbor 使用说明"),
+    "privacy": (
+        "What is stored, for how long, and your choices",
+        "保存哪些内容、保存多久以及你的选择",
+    ),
+    "agree": ("Let MindHarbor store our conversation", "同意 MindHarbor 保存我们的对话"),
+    "withdraw": ("Stop storing my messages", "停止保存我的消息"),
+    "optin": ("Allow anonymised use for training", "同意匿名用于训练"),
+    "optout": ("Stop use for training", "停止用于训练"),
     "talk.message": ("What you would like to say (optional)", "你想说的话（可选）"),
     "lang.language": ("zh or en", "zh 或 en"),
     "case": ("Safety cases (moderators only)", "安全个案（仅限管理员）"),
@@ -265,6 +273,12 @@ class DiscordAdapter:
                 return
             incoming = self._incoming(message.author, text, message_id=str(message.id))
             reply = await self._answer_with_typing(message.channel, incoming)
+            if reply.kind is ReplyKind.CONSENT_REQUIRED:
+                view = _ConsentView(self._manager, incoming, reply.locale)
+                await message.channel.send(
+                    reply.text, view=view, allowed_mentions=discord.AllowedMentions.none()
+                )
+                return
             if reply.should_send:
                 await self._send(message.channel, reply.text)
 
@@ -316,6 +330,15 @@ class DiscordAdapter:
         @tree.command(name="help", description=_described("help"))
         async def help_command(interaction: discord.Interaction) -> None:
             await adapter._on_simple_command(interaction, "help")
+
+        for name in ("privacy", "agree", "withdraw", "optin", "optout"):
+            tree.add_command(
+                app_commands.Command(
+                    name=name,
+                    description=_described(name),
+                    callback=adapter._privacy_command(name),
+                )
+            )
 
         self._register_moderator_commands(tree)
 
@@ -379,6 +402,12 @@ class DiscordAdapter:
         ) -> None:
             await adapter._on_escalate(interaction, message.author.id, message.content)
 
+    def _privacy_command(self, name: str) -> Any:
+        async def callback(interaction: discord.Interaction) -> None:
+            await self._on_simple_command(interaction, name)
+
+        return callback
+
     async def _on_simple_command(
         self, interaction: discord.Interaction, name: str, argument: str = ""
     ) -> None:
@@ -390,6 +419,12 @@ class DiscordAdapter:
                 reply = await self._manager.reset(incoming)
             elif name == "lang":
                 reply = await self._manager.set_locale(incoming, argument)
+            elif name == "privacy":
+                reply = await self._manager.privacy_notice(incoming)
+            elif name in ("agree", "withdraw"):
+                reply = await self._manager.set_storage_consent(incoming, name == "agree")
+            elif name in ("optin", "optout"):
+                reply = await self._manager.set_training_consent(incoming, name == "optin")
             else:
                 reply = await self._manager.notice(incoming, "discord_help")
         await interaction.followup.send(
@@ -676,5 +711,26 @@ class _ForgetView(discord.ui.View):
 
     async def _cancel(self, interaction: discord.Interaction) -> None:
         reply = await self._manager.notice(self._incoming, "forget_cancelled")
+        await interaction.response.edit_message(content=reply.text, view=None)
+        self.stop()
+
+
+class _ConsentView(discord.ui.View):
+    """The "I agree" button under a request for consent to storage."""
+
+    def __init__(
+        self, manager: ConversationManager, incoming: IncomingMessage, locale: str
+    ) -> None:
+        super().__init__(timeout=3600)
+        self._manager = manager
+        self._incoming = incoming
+        agree = discord.ui.Button(
+            label=i18n.text("consent_button", locale), style=discord.ButtonStyle.primary
+        )
+        agree.callback = self._agree
+        self.add_item(agree)
+
+    async def _agree(self, interaction: discord.Interaction) -> None:
+        reply = await self._manager.set_storage_consent(self._incoming, True)
         await interaction.response.edit_message(content=reply.text, view=None)
         self.stop()

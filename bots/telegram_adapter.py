@@ -62,11 +62,23 @@ _LOGGER = logging.getLogger(__name__)
 
 PLATFORM = "telegram"
 MESSAGE_LIMIT = 4096
-COMMANDS = ("start", "help", "reset", "lang", "forget")
+COMMANDS = (
+    "start",
+    "help",
+    "reset",
+    "lang",
+    "forget",
+    "privacy",
+    "agree",
+    "withdraw",
+    "optin",
+    "optout",
+)
 # Moderator commands; anyone else who sends one is refused and logged.
 MODERATOR_COMMANDS = ("cases", "ack", "handoff", "reply", "resolve", "escalate")
 _FORGET_YES = "forget:yes"
 _FORGET_NO = "forget:no"
+_CONSENT_AGREE = "consent:agree"
 
 # Update types the bot requests from Telegram; Telegram delivers no others.
 ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
@@ -277,6 +289,9 @@ class TelegramAdapter:
         application.add_handler(
             CallbackQueryHandler(self._on_forget_answer, pattern=r"^forget:(yes|no)$")
         )
+        application.add_handler(
+            CallbackQueryHandler(self._on_consent_button, pattern=r"^consent:agree$")
+        )
         text = (filters.TEXT | filters.CAPTION) & ~filters.COMMAND
         application.add_handler(
             MessageHandler(filters.UpdateType.EDITED_MESSAGE & text, self._on_edited)
@@ -322,6 +337,9 @@ class TelegramAdapter:
 
         incoming = self._incoming(update, text)
         reply = await self._answer_with_typing(message.chat_id, incoming)
+        if reply.kind is ReplyKind.CONSENT_REQUIRED:
+            await self._ask_consent(message.chat_id, reply.locale)
+            return
         if not reply.should_send:
             return
         text_out = reply.text
@@ -367,9 +385,36 @@ class TelegramAdapter:
         elif name == "forget":
             await self._ask_forget(message, incoming)
             return
+        elif name == "privacy":
+            reply = await self._manager.privacy_notice(incoming)
+        elif name in ("agree", "withdraw"):
+            reply = await self._manager.set_storage_consent(incoming, name == "agree")
+        elif name in ("optin", "optout"):
+            reply = await self._manager.set_training_consent(incoming, name == "optin")
         else:
             reply = await self._manager.notice(incoming, "bot_help")
         await self.send_text(message.chat_id, reply.text)
+        if name == "start" and await self._manager.needs_consent(incoming):
+            await self._ask_consent(message.chat_id, reply.locale)
+
+    async def _ask_consent(self, chat_id: int, locale: str) -> None:
+        button = InlineKeyboardButton(
+            i18n.text("consent_button", locale), callback_data=_CONSENT_AGREE
+        )
+        await self.send_text(
+            chat_id,
+            i18n.text("consent_request", locale),
+            reply_markup=InlineKeyboardMarkup([[button]]),
+        )
+
+    async def _on_consent_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        query = update.callback_query
+        if query is None or query.message is None:
+            return
+        with contextlib.suppress(TelegramError):
+            await query.answer()
+        reply = await self._manager.set_storage_consent(self._incoming(update, ""), True)
+        await self.send_text(query.message.chat.id, reply.text)
 
     async def _ask_forget(self, message: Message, incoming: IncomingMessage) -> None:
         locale = await self._manager.user_locale(incoming)

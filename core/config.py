@@ -147,6 +147,8 @@ class BreakReminderSettings(_Section):
 
 
 class PrivacySettings(_Section):
+    # Ask for consent to store the conversation before storing any turn.
+    require_consent: bool = True
     # Where `mindharbor export` writes; relative to the project root.
     export_dir: str = "var/exports"
     # Turns older than this many days are purged by `mindharbor purge`.

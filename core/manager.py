@@ -65,6 +65,7 @@ class ReplyKind(enum.StrEnum):
     NOTICE = "notice"  # the reply to a command (/reset, /lang, /help)
     EDIT_STORED = "edit_stored"  # an edited message stored as a new revision; send nothing
     RELAYED = "relayed"  # the user's case is in hand-off; moderators got the message
+    CONSENT_REQUIRED = "consent_required"  # nothing stored; the user is asked to agree first
 
 
 @dataclass(slots=True, kw_only=True)
@@ -104,6 +105,8 @@ class ConversationManager:
         safety: SafetyGuard | None = None,
         break_reminder: BreakReminderSettings | None = None,
         pseudonyms: Pseudonymizer | None = None,
+        require_consent: bool = False,
+        retention_days: int | None = None,
     ) -> None:
         self._sessions = session_factory
         self._generator = generator
@@ -117,6 +120,10 @@ class ConversationManager:
         self._break_reminder = break_reminder
         # Deleted users' pseudonyms become tombstones that keep them out of exports.
         self._pseudonyms = pseudonyms
+        # With require_consent, no turn is stored before the user agrees, except a
+        # crisis, which is stored under the safety case's legal basis.
+        self._require_consent = require_consent
+        self._retention_days = retention_days
 
     @property
     def safety(self) -> SafetyGuard | None:
@@ -186,6 +193,9 @@ class ConversationManager:
                     stored = await self._store_user_turn(session, message, text, history=False)
             except IntegrityError:
                 return Reply(kind=ReplyKind.DUPLICATE, text="", locale=self._default_locale)
+        if stored.consent_missing:
+            # Nothing is stored for a user who has not agreed; the edit is dropped.
+            return Reply(kind=ReplyKind.CONSENT_REQUIRED, text="", locale=stored.locale)
         kind = ReplyKind.DUPLICATE if stored.duplicate else ReplyKind.EDIT_STORED
         if not stored.duplicate and text.strip():
             # An edit can turn a harmless message into a crisis. Moderators are told,
@@ -245,7 +255,79 @@ class ConversationManager:
             )
         _LOGGER.warning("A %s user is unreachable (the bot was blocked)", platform)
 
+    async def needs_consent(self, message: IncomingMessage) -> bool:
+        """Return True when the user must agree to storage before their turns are kept."""
+        if not self._require_consent:
+            return False
+        async with self._sessions() as session:
+            user = await repository.find_user(
+                session, platform=message.platform, platform_user_id=message.user_id
+            )
+        return user is None or user.storage_consent_at is None
+
+    async def privacy_notice(self, message: IncomingMessage) -> Reply:
+        """Explain what is stored, for how long, and the user's current choices."""
+        async with self._sessions() as session:
+            user = await repository.find_user(
+                session, platform=message.platform, platform_user_id=message.user_id
+            )
+        locale = self._locale_of(user.locale if user else None, message.locale_hint)
+        yes, no = i18n.text("privacy_yes", locale), i18n.text("privacy_no", locale)
+        storage = user is not None and user.storage_consent_at is not None
+        training = user is not None and user.training_consent
+        text = i18n.text(
+            "privacy_notice",
+            locale,
+            storage=yes if storage or not self._require_consent else no,
+            training=yes if training else no,
+            retention_days=self._retention_days or "-",
+        )
+        return Reply(kind=ReplyKind.NOTICE, text=text, locale=locale)
+
+    async def set_storage_consent(self, message: IncomingMessage, granted: bool) -> Reply:
+        """Record that the user agreed to storage, or withdrew it (with training consent)."""
+        async with self._user_locks.hold((message.platform, message.user_id)):
+            async with self._sessions.begin() as session:
+                user = await repository.get_or_create_user(
+                    session, platform=message.platform, platform_user_id=message.user_id
+                )
+                now = utcnow()
+                if granted:
+                    user.storage_consent_at = user.storage_consent_at or now
+                else:
+                    user.storage_consent_at = None
+                    if user.training_consent:
+                        user.training_consent = False
+                        user.training_consent_at = now
+                locale = self._locale_of(user.locale, message.locale_hint)
+        _LOGGER.info(
+            "A %s user %s storage consent", message.platform, "gave" if granted else "withdrew"
+        )
+        key = "consent_given" if granted else "consent_withdrawn"
+        return Reply(kind=ReplyKind.NOTICE, text=i18n.text(key, locale), locale=locale)
+
+    async def set_training_consent(self, message: IncomingMessage, granted: bool) -> Reply:
+        """Turn the use of the user's conversations for training on or off, at once."""
+        async with self._user_locks.hold((message.platform, message.user_id)):
+            async with self._sessions.begin() as session:
+                user = await repository.get_or_create_user(
+                    session, platform=message.platform, platform_user_id=message.user_id
+                )
+                locale = self._locale_of(user.locale, message.locale_hint)
+                if granted and self._require_consent and user.storage_consent_at is None:
+                    key = "optin_needs_storage"
+                else:
+                    user.training_consent = granted
+                    user.training_consent_at = utcnow()
+                    key = "optin_done" if granted else "optout_done"
+        return Reply(kind=ReplyKind.NOTICE, text=i18n.text(key, locale), locale=locale)
+
     # Private API
+
+    def _is_crisis_without_history(self, text: str) -> bool:
+        if self._safety is None or not text.strip():
+            return False
+        return self._safety.screener.screen(text).level is RiskLevel.CRISIS
 
     def _locale_of(self, stored: str | None, hint: str | None) -> str:
         return stored or normalise_locale(hint, default=self._default_locale)
@@ -270,6 +352,12 @@ class ConversationManager:
                 locale=stored.locale,
                 conversation_id=stored.conversation_id,
             )
+        if stored.consent_missing:
+            return Reply(
+                kind=ReplyKind.CONSENT_REQUIRED,
+                text=i18n.text("consent_request", stored.locale),
+                locale=stored.locale,
+            )
 
         reply = Reply(
             kind=ReplyKind.GENERATED,
@@ -286,6 +374,20 @@ class ConversationManager:
         # Step 3: risk screening, which opens or updates a safety case.
         assessment, case_id = await self._screen(message, stored, text)
         reply.risk_level, reply.case_id = assessment.level, case_id
+
+        if stored.legal_basis is not None and self._safety is not None:
+            # Stored without consent because of the crisis: the resources and a
+            # fixed message go out at once; the model sees nothing.
+            resources = self._safety.crisis_resources(stored.locale, message.locale_hint)
+            reply.kind = ReplyKind.NOTICE
+            reply.text = "\n\n".join(
+                [
+                    i18n.text("crisis_fallback", stored.locale),
+                    resources,
+                    i18n.text("consent_request", stored.locale),
+                ]
+            )
+            return reply
 
         # Step 4: during a hand-off, moderators reply instead of the model.
         if stored.handoff or (case_id is not None and await self._in_handoff(case_id)):
@@ -400,6 +502,12 @@ class ConversationManager:
             revision=message.revision,
         )
         seen_turn_id = None
+        legal_basis = None
+        if self._require_consent and (found is None or not found.storage_consent):
+            locale = self._locale_of(found.locale if found else None, message.locale_hint)
+            if not self._is_crisis_without_history(text):
+                return _StoredTurn(0, 0, 0, locale, [], consent_missing=True)
+            legal_basis = "vital_interests"
         if found is None:
             user = await repository.get_or_create_user(
                 session, platform=message.platform, platform_user_id=message.user_id
@@ -437,8 +545,10 @@ class ConversationManager:
             content=text,
             platform_message_id=message.message_id,
             revision=message.revision,
+            meta={"legal_basis": legal_basis} if legal_basis else None,
         )
         stored = _StoredTurn(conversation_id, user_id, turn_id, locale, [])
+        stored.legal_basis = legal_basis
         if found is not None:
             stored.case_id, stored.handoff = found.active_case_id, found.handoff
             stored.stretch_started_at = as_utc(found.stretch_started_at)
@@ -554,6 +664,10 @@ class _StoredTurn:
     break_reminded_at: dt.datetime | None = None
     # When the turn before this one was stored; None in a new conversation.
     previous_turn_at: dt.datetime | None = None
+    # True when nothing was stored because the user has not agreed to storage.
+    consent_missing: bool = False
+    # Set when the turn was stored without consent, for the safety of the user.
+    legal_basis: str | None = None
 
 
 def _latest_revisions(rows: list[repository.TurnRow]) -> list[HistoryTurn]:

@@ -132,6 +132,8 @@ class Service:
             safety=self._safety,
             break_reminder=settings.safety.break_reminder,
             pseudonyms=pseudonyms,
+            require_consent=settings.privacy.require_consent,
+            retention_days=settings.privacy.retention_days,
         )
         # Posts crisis cases nobody acknowledged again.
         self._stop_reminders.clear()

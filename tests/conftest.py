@@ -7,6 +7,9 @@ import os
 # Set before transformers is imported anywhere: tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tests of other features talk to the bot without the consent step; the
+# consent tests remove this variable to get the shipped default (on).
+os.environ.setdefault("MINDHARBOR_PRIVACY__REQUIRE_CONSENT", "false")
 # Services started in tests use this key instead of creating one under var/.
 os.environ.setdefault("MINDHARBOR_PSEUDONYM_KEY", "test-pseudonym-key-not-for-production")
 

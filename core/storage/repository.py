@@ -36,6 +36,7 @@ class UserConversation:
     # Long-session reminder state of the open conversation.
     stretch_started_at: datetime | None = None
     break_reminded_at: datetime | None = None
+    storage_consent: bool = False
 
 
 async def find_user_and_conversation(
@@ -85,6 +86,7 @@ async def find_user_and_conversation(
             handoff,
             Conversation.stretch_started_at,
             Conversation.break_reminded_at,
+            User.storage_consent_at,
         )
         .outerjoin(
             Conversation,
@@ -98,8 +100,24 @@ async def find_user_and_conversation(
     if row is None:
         return None
     return UserConversation(
-        row[0], row[1], row[2] is not None, row[3], row[4], row[5], bool(row[6]), row[7], row[8]
+        row[0],
+        row[1],
+        row[2] is not None,
+        row[3],
+        row[4],
+        row[5],
+        bool(row[6]),
+        row[7],
+        row[8],
+        row[9] is not None,
     )
+
+
+async def find_user(session: AsyncSession, *, platform: str, platform_user_id: str) -> User | None:
+    statement = select(User).where(
+        User.platform == platform, User.platform_user_id == platform_user_id
+    )
+    return (await session.execute(statement)).scalar_one_or_none()
 
 
 async def get_or_create_user(

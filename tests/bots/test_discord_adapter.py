@@ -237,7 +237,15 @@ async def test_commands_synced_with_chinese(running: Harness) -> None:
         "case",
         "Escalate to moderators",
         "Escalate message",
+        "privacy",
+        "agree",
+        "withdraw",
+        "optin",
+        "optout",
     }
+    assert (
+        by_name["agree"]["description_localizations"]["zh-CN"] == "同意 MindHarbor 保存我们的对话"
+    )
     assert by_name["reset"]["description_localizations"]["zh-CN"] == "开始新的对话"
     # Moderator commands are hidden from members without Manage Messages by default.
     assert int(by_name["case"]["default_member_permissions"]) == 1 << 13

@@ -111,7 +111,18 @@ async def test_commands_registered_in_both_languages(polling: Harness) -> None:
     english = [command["command"] for command in polling.server.commands_for("")]
     chinese = polling.server.commands_for("zh")
 
-    assert english == ["start", "help", "reset", "lang", "forget"]
+    assert english == [
+        "start",
+        "help",
+        "reset",
+        "lang",
+        "forget",
+        "privacy",
+        "agree",
+        "withdraw",
+        "optin",
+        "optout",
+    ]
     assert [command["command"] for command in chinese] == english
     assert chinese[2]["description"] == "开始新的对话"
 
