@@ -210,6 +210,7 @@ async def _conversation_rows(
             Turn.content,
             Turn.revision,
             Turn.created_at,
+            Turn.meta,
             User.platform,
             User.platform_user_id,
         )
@@ -228,7 +229,7 @@ async def _conversation_rows(
     first = last = end
     result = await session.stream(statement)
     async for row in result:
-        conversation_id, role, content, revision, created_at, platform, platform_user_id = row
+        conversation_id, role, content, revision, created_at, meta, platform, platform_user_id = row
         if conversation_id != current:
             if current is not None:
                 yield user_key, turns, first, last
@@ -236,7 +237,8 @@ async def _conversation_rows(
             first = as_utc(created_at) or end
         last = as_utc(created_at) or end
         # An edit is stored as a later revision; the export keeps the text as first sent.
-        if revision == 0:
+        # A turn kept without consent for the user's safety is never used for training.
+        if revision == 0 and not (meta and meta.get("legal_basis")):
             turns.append((role, content))
     if current is not None:
         yield user_key, turns, first, last

@@ -106,6 +106,21 @@ async def test_crisis_without_consent_gets_resources_and_a_case(harness: Harness
     assert len(harness.link.posts) == 1
 
 
+async def test_turns_kept_for_safety_are_never_exported(harness: Harness, tmp_path: Path) -> None:
+    await harness.manager.handle(message("I'm going to kill myself tonight"))
+    await harness.manager.set_storage_consent(message("/agree"), True)
+    await harness.manager.set_training_consent(message("/optin"), True)
+    # A fixed reply: the test double would otherwise echo the whole prompt.
+    harness.generator.reply = "I'm glad you wrote. How are you feeling now?"
+    await harness.manager.handle(message("thank you for listening"))
+
+    result = await export_conversations(harness.sessions, out_dir=tmp_path, pseudonyms=PSEUDONYMS)
+
+    exported = result.path.read_text(encoding="utf-8")
+    assert "thank you for listening" in exported
+    assert "kill myself" not in exported
+
+
 async def test_withdrawal_stops_storage_at_once(harness: Harness) -> None:
     await harness.manager.set_storage_consent(message("/agree"), True)
     await harness.manager.handle(message("first"))
