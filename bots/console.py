@@ -115,6 +115,10 @@ async def _run_command(
         return await manager.notice(message, "help")
     if name == "/privacy":
         return await manager.privacy_notice(message)
+    if name == "/forget":
+        if argument.strip().lower() == "yes":
+            return await manager.forget(message)
+        return await manager.notice(message, "forget_console_confirm")
     if name in ("/agree", "/withdraw"):
         return await manager.set_storage_consent(message, name == "/agree")
     if name in ("/optin", "/optout"):

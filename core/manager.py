@@ -384,7 +384,7 @@ class ConversationManager:
                 [
                     i18n.text("crisis_fallback", stored.locale),
                     resources,
-                    i18n.text("consent_request", stored.locale),
+                    i18n.text("consent_after_crisis", stored.locale),
                 ]
             )
             return reply

@@ -16,6 +16,7 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import re
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
@@ -138,6 +139,42 @@ async def run_named_job(name: str) -> str:
         await engine.dispose()
 
 
+_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def crontab_trigger(expression: str, timezone: str) -> CronTrigger:
+    """Build a trigger from a standard crontab line, where day of week 0 and 7 are Sunday.
+
+    APScheduler 3's own ``CronTrigger.from_crontab`` numbers weekdays from
+    Monday = 0, so "0 3 * * 1" would run on Tuesdays; weekday numbers are
+    turned into names here instead.
+    """
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"Invalid crontab line {expression!r}: expected 5 fields "
+            "(minute hour day month weekday), for example '0 3 * * 1'."
+        )
+    minute, hour, day, month, weekday = fields
+    weekday = re.sub(r"\d+", lambda match: _WEEKDAYS[int(match.group()) % 8], weekday)
+    return CronTrigger(
+        minute=minute, hour=hour, day=day, month=month, day_of_week=weekday, timezone=timezone
+    )
+
+
+def _crons(settings: Settings) -> dict[str, str]:
+    options = settings.scheduler
+    return {"export": options.export_cron, "purge": options.purge_cron}
+
+
+def remove_disabled_jobs(scheduler: AsyncIOScheduler, settings: Settings) -> None:
+    """Remove stored jobs whose cron setting is now empty (a started scheduler only)."""
+    for name, cron in _crons(settings).items():
+        if not cron and scheduler.get_job(name) is not None:
+            scheduler.remove_job(name)
+            _LOGGER.info("Job %s is turned off (empty cron) and was removed", name)
+
+
 def build_scheduler(settings: Settings) -> AsyncIOScheduler:
     """Create the scheduler with the persistent job store and register (or update) the jobs."""
     options = settings.scheduler
@@ -154,13 +191,12 @@ def build_scheduler(settings: Settings) -> AsyncIOScheduler:
         },
         timezone=options.timezone,
     )
-    crons = {"export": options.export_cron, "purge": options.purge_cron}
-    for name, cron in crons.items():
+    for name, cron in _crons(settings).items():
         if not cron:
             continue
         scheduler.add_job(
             "core.scheduler:run_named_job",
-            CronTrigger.from_crontab(cron, timezone=options.timezone),
+            crontab_trigger(cron, options.timezone),
             args=[name],
             id=name,
             name=name,
@@ -174,6 +210,7 @@ async def run_scheduler(settings: Settings, stop: asyncio.Event) -> None:
     await db.upgrade_async(settings.database.url)
     scheduler = build_scheduler(settings)
     scheduler.start()
+    remove_disabled_jobs(scheduler, settings)
     for job in scheduler.get_jobs():
         _LOGGER.info("Scheduled %s, next run %s", job.id, job.next_run_time)
     try:

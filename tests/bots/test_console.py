@@ -103,3 +103,17 @@ async def test_replay_limit(service: Service, tmp_path: Path) -> None:
 
     assert report.dialogues == 1
     assert report.user_turns == 3
+
+
+async def test_console_consent_and_forget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MINDHARBOR_PRIVACY__REQUIRE_CONSENT", raising=False)
+    settings = Settings(database=DatabaseSettings(url=f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"))
+    async with Service(settings, Secrets(), generator=FakeGenerator()) as service:
+        output = await chat(service, "hello\n/agree\nhello again\n/forget\n/forget yes\n/privacy\n")
+
+    assert "Send /agree if that is all right" in output
+    assert "MindHarbor: reply to: hello again" in output
+    assert "reply to: hello\n" not in output
+    assert "Send /forget yes to delete everything" in output
+    assert "I deleted 2 messages in 1 conversations" in output
+    assert "Storing your conversation: no" in output

@@ -13,7 +13,14 @@ from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import select
 
 from core.config import DatabaseSettings, SchedulerSettings, Settings
-from core.scheduler import acquire_lock, build_scheduler, run_locked, sync_database_url
+from core.scheduler import (
+    acquire_lock,
+    build_scheduler,
+    crontab_trigger,
+    remove_disabled_jobs,
+    run_locked,
+    sync_database_url,
+)
 from core.storage import db
 from core.storage.models import JobLock
 
@@ -166,3 +173,44 @@ async def test_scheduler_registers_jobs_from_settings(sqlite_url: str) -> None:
     assert jobs["export"].args == ("export",)
     assert str(jobs["export"].trigger.timezone) == "Asia/Shanghai"
     assert jobs["export"].next_run_time.hour == 4
+
+
+@pytest.mark.parametrize(
+    ("expression", "weekday"),
+    [("0 3 * * 1", 0), ("0 3 * * 0", 6), ("0 3 * * 7", 6), ("0 3 * * 5", 4)],
+)
+def test_crontab_weekdays_count_from_sunday(expression: str, weekday: int) -> None:
+    trigger = crontab_trigger(expression, "UTC")
+    start = dt.datetime(2026, 12, 4, tzinfo=dt.UTC)  # a Friday
+
+    fire = trigger.get_next_fire_time(None, start)
+
+    assert fire.weekday() == weekday
+    assert fire.hour == 3
+
+
+def test_invalid_crontab_is_rejected() -> None:
+    with pytest.raises(ValueError, match="expected 5 fields"):
+        crontab_trigger("0 3 * *", "UTC")
+
+
+async def test_empty_cron_removes_a_stored_job(sqlite_url: str) -> None:
+    await db.upgrade_async(sqlite_url)
+    enabled = Settings(database=DatabaseSettings(url=sqlite_url))
+    first = build_scheduler(enabled)
+    first.start(paused=True)
+    assert {job.id for job in first.get_jobs()} == {"export", "purge"}
+    first.shutdown(wait=False)
+
+    disabled = Settings(
+        database=DatabaseSettings(url=sqlite_url), scheduler=SchedulerSettings(purge_cron="")
+    )
+    second = build_scheduler(disabled)
+    second.start(paused=True)
+    try:
+        remove_disabled_jobs(second, disabled)
+        remaining = {job.id for job in second.get_jobs()}
+    finally:
+        second.shutdown(wait=False)
+
+    assert remaining == {"export"}
