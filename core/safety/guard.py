@@ -137,6 +137,7 @@ class _ScreenedStream:
     """
 
     HOLDBACK = 48
+    CHECK_WINDOW = 400
 
     def __init__(self, forward: DeltaCallback, check: Callable[[str], ReplyVerdict]) -> None:
         self._forward = forward
@@ -149,7 +150,9 @@ class _ScreenedStream:
         if self._stopped:
             return
         self._text += delta
-        if self._check(self._text).unsafe:
+        # Earlier text was checked with earlier deltas, and a rule's match is far
+        # shorter than the window, so only the tail needs checking again.
+        if self._check(self._text[-self.CHECK_WINDOW :]).unsafe:
             self._stopped = True
             return
         end = len(self._text) - self.HOLDBACK
