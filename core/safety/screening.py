@@ -19,7 +19,7 @@ import enum
 import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -152,8 +152,6 @@ class Lexicon:
     cues: dict[str, re.Pattern[str]]
     version: str = ""
     source: str = ""
-    # Categories that are only signals: they never raise the level alone.
-    signal_categories: frozenset[str] = field(default_factory=frozenset)
 
     @classmethod
     def load(cls, path: Path) -> Lexicon:
@@ -171,12 +169,9 @@ class Lexicon:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, source: str = "") -> Lexicon:
         terms: list[_Term] = []
-        signal_categories: set[str] = set()
         for lang, entries in data["terms"].items():
             for entry in entries:
                 level = RiskLevel(entry.get("level", "none"))
-                if level is RiskLevel.NONE:
-                    signal_categories.add(entry["category"])
                 for pattern in entry["patterns"]:
                     terms.append(
                         _Term(
@@ -224,7 +219,6 @@ class Lexicon:
             },
             version=str(data.get("version", "")),
             source=source,
-            signal_categories=frozenset(signal_categories),
         )
 
 
