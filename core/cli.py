@@ -80,6 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "scheduler", help="run scheduled jobs (export, purge) until SIGINT or SIGTERM"
     )
+    score = commands.add_parser(
+        "score",
+        help="rate dialogues on the four rubric criteria with the configured generator as judge",
+    )
+    source = score.add_mutually_exclusive_group(required=True)
+    source.add_argument("--file", type=Path, help="dialogues in the training format (JSONL)")
+    source.add_argument(
+        "--export", type=Path, metavar="DIR", help="the newest export in DIR (an export folder)"
+    )
+    source.add_argument(
+        "--database",
+        type=int,
+        metavar="N",
+        help="a random sample of N conversations from the last 30 days (consented users)",
+    )
+    score.add_argument("--limit", type=int, help="score at most this many dialogues")
+    score.add_argument(
+        "--repeat", type=int, default=1, help="score each dialogue K times and report the spread"
+    )
+    score.add_argument("--force", action="store_true", help="score again instead of reusing")
 
     discord_parser = commands.add_parser("discord", help="Discord administration")
     discord_commands = discord_parser.add_subparsers(
@@ -124,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_purge(settings))
         if args.command == "scheduler":
             return asyncio.run(_scheduler(settings))
+        if args.command == "score":
+            return asyncio.run(_score(args, settings))
     except ConfigError as exc:
         print(f"mindharbor: {exc}", file=sys.stderr)
         return 2
@@ -195,6 +217,61 @@ async def _purge(settings: Settings) -> int:
 
     deleted = await purge_job(settings)
     print(f"Deleted {deleted} turns older than {settings.privacy.retention_days} days")
+    return 0
+
+
+async def _score(args: argparse.Namespace, settings: Settings) -> int:
+    from core.generation import create_generator
+    from core.storage import db
+    from training import rubric
+
+    if args.repeat < 1:
+        print("mindharbor: --repeat must be at least 1", file=sys.stderr)
+        return 2
+    await db.upgrade_async(settings.database.url)
+    engine = db.create_engine(settings.database)
+    sessions = db.create_session_factory(engine)
+    try:
+        if args.database is not None:
+            dialogues = await rubric.sample_database(sessions, args.database)
+        else:
+            path = args.file
+            if args.export is not None:
+                exports = sorted(args.export.glob("export-*.jsonl"))
+                if not exports:
+                    print(f"mindharbor: no export in {str(args.export)!r}", file=sys.stderr)
+                    return 2
+                path = exports[-1]
+            if not path.is_file():
+                print(f"mindharbor: dialogue file {str(path)!r} not found", file=sys.stderr)
+                return 2
+            source = "export" if args.export is not None else "file"
+            dialogues = rubric.read_dialogues(path, source=source, limit=args.limit)
+        if args.limit is not None:
+            dialogues = dialogues[: args.limit]
+
+        judge = create_generator(settings.generator, load_secrets())
+        await judge.start()
+        try:
+            summary = await rubric.score_dialogues(
+                sessions, judge, dialogues, repeat=args.repeat, force=args.force
+            )
+        finally:
+            await judge.stop()
+    finally:
+        await engine.dispose()
+
+    print(
+        f"{len(dialogues)} dialogues: {summary.scored} scored, {summary.reused} reused, "
+        f"{summary.errors} judge errors (left out of the means); judge {judge.model_name}, "
+        f"prompt {rubric.PROMPT_VERSION}"
+    )
+    for name, mean in summary.means().items():
+        count = len(summary.values[name])
+        shown = f"{mean:.2f}" if mean is not None else "-"
+        spread = summary.spread.get(name)
+        extra = f", spread across repeats {spread:.2f}" if spread is not None else ""
+        print(f"  {name:22} mean {shown} (n={count}){extra}")
     return 0
 
 

@@ -115,3 +115,43 @@ def test_missing_replay_file(cli_env: dict[str, str], tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert "not found" in result.stderr
+
+
+def test_score_command_with_openai_judge(tmp_path: Path) -> None:
+    from tests.helpers.openai_standin import OpenAIStandIn, Reply
+
+    dialogues = tmp_path / "dialogues.jsonl"
+    dialogues.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "conversations": [
+                        {"role": "user", "content": f"I feel stuck, day {day}"},
+                        {"role": "assistant", "content": "What feels most stuck right now?"},
+                    ]
+                }
+            )
+            for day in range(3)
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    scores = {
+        name: {"score": 4, "reason": "ok"}
+        for name in ("therapeutic_relevance", "user_engagement", "safety", "problem_resolution")
+    }
+    with OpenAIStandIn(model="judge", default=Reply(text=json.dumps(scores))) as server:
+        env = {
+            "MINDHARBOR_DATABASE__URL": f"sqlite+aiosqlite:///{tmp_path / 'score.db'}",
+            "MINDHARBOR_GENERATOR__BACKEND": "openai",
+            "MINDHARBOR_GENERATOR__OPENAI__BASE_URL": server.base_url,
+            "MINDHARBOR_GENERATOR__OPENAI__MODEL": "judge",
+        }
+        first = run_cli("score", "--file", str(dialogues), env=env)
+        second = run_cli("score", "--file", str(dialogues), env=env)
+
+    assert first.returncode == 0, first.stderr
+    assert "3 dialogues: 3 scored, 0 reused, 0 judge errors" in first.stdout
+    assert "safety                 mean 4.00 (n=3)" in first.stdout
+    assert "3 dialogues: 0 scored, 3 reused" in second.stdout
+    assert len(server.requests) == 3

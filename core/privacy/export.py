@@ -96,7 +96,7 @@ async def export_conversations(
                 if pseudonym in tombstones:
                     skipped_tombstoned += 1
                     continue
-                messages = _training_messages(conversation)
+                messages = training_messages(conversation)
                 if not messages:
                     continue
                 line = json.dumps(
@@ -244,7 +244,7 @@ async def _conversation_rows(
         yield user_key, turns, first, last
 
 
-def _training_messages(turns: list[tuple[Role, str]]) -> list[dict[str, str]]:
+def training_messages(turns: list[tuple[Role, str]]) -> list[dict[str, str]]:
     """Scrub, merge consecutive turns of one role, and drop a trailing unanswered user turn."""
     messages: list[dict[str, str]] = []
     for role, content in turns:

@@ -290,3 +290,39 @@ class JobLock(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(128))
     locked_until: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class RubricScore(Base):
+    """One judge's rating of one dialogue on the four rubric criteria, or the judge's error."""
+
+    __tablename__ = "rubric_scores"
+    __table_args__ = (
+        # One stored score per dialogue, judge, prompt, sampling and repeat.
+        UniqueConstraint(
+            "dialogue_key",
+            "judge_model",
+            "prompt_version",
+            "settings_key",
+            "repeat_index",
+            name="uq_rubric_scores_identity",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    dialogue_key: Mapped[str] = mapped_column(String(64), index=True)
+    judge_model: Mapped[str] = mapped_column(String(128))
+    prompt_version: Mapped[str] = mapped_column(String(32))
+    settings_key: Mapped[str] = mapped_column(String(32))
+    repeat_index: Mapped[int] = mapped_column(Integer, default=0)
+    # export, file, database or generate-eval.
+    source: Mapped[str] = mapped_column(String(32))
+    language: Mapped[str] = mapped_column(String(8))
+    dialogue: Mapped[list[dict[str, str]]] = mapped_column(JSON)
+    adapter_version: Mapped[str | None] = mapped_column(String(128))
+    # None together with ``error`` when the judge gave no usable answer.
+    scores: Mapped[dict[str, int] | None] = mapped_column(JSON)
+    reasons: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    raw: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,359 @@
+"""Rubric scoring: an LLM judge rates dialogues on four criteria, 1 to 5 each, with reasons.
+
+The judge prompt (config/rubric/judge.{en,zh-CN}.txt) carries the full rubric
+and is chosen by the dialogue's language; ``PROMPT_VERSION`` is stored with
+every score. An answer that is not a complete, in-range JSON object gets one
+repair request; if that fails too, the raw text is stored as a judge error,
+never as a score. Scoring a dialogue again with the same judge, prompt and
+sampling reuses the stored score unless forced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from core.config import CONFIG_DIR
+from core.errors import GenerationError
+from core.generation.base import ChatMessage, Generator, SamplingParams
+from core.storage.models import RubricScore, utcnow
+
+_LOGGER = logging.getLogger(__name__)
+
+CRITERIA = ("therapeutic_relevance", "user_engagement", "safety", "problem_resolution")
+# Raise when the prompt files change, so scores from different prompts are kept apart.
+PROMPT_VERSION = "rubric-2026-12-04"
+PROMPT_FILES = {"en": "judge.en.txt", "zh": "judge.zh-CN.txt"}
+JUDGE_SAMPLING = SamplingParams(max_new_tokens=400, temperature=0.0, top_p=1.0)
+
+_FENCE = re.compile(r"```(?:json)?\s*(\{.*?\})\s*```", re.DOTALL)
+_REFUSAL = re.compile(
+    r"\b(?:i can(?:no|')t|i am unable|i'm unable|i won't|sorry|as an ai)\b|无法|抱歉|不能评", re.I
+)
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+class JudgeAnswerError(ValueError):
+    """The judge's answer holds no usable score; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Dialogue:
+    conversations: list[dict[str, str]]
+    source: str
+    # The adapter version that produced the assistant turns, when known.
+    adapter_version: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Return a stable hash of the turns, which identifies the dialogue across sources."""
+        canonical = json.dumps(self.conversations, ensure_ascii=False, sort_keys=True)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    @property
+    def language(self) -> str:
+        text = "".join(turn["content"] for turn in self.conversations if turn["role"] == "user")
+        return "zh" if len(_CJK.findall(text)) > len(text) * 0.2 else "en"
+
+
+@dataclass(slots=True)
+class Judgement:
+    scores: dict[str, int] | None
+    reasons: dict[str, str] | None
+    raw: str
+    error: str | None = None
+    attempts: int = 1
+
+
+@dataclass(slots=True)
+class ScoreSummary:
+    scored: int = 0
+    reused: int = 0
+    errors: int = 0
+    # Scores per criterion, one list entry per stored score (errors left out).
+    values: dict[str, list[int]] = field(default_factory=lambda: {name: [] for name in CRITERIA})
+    # Per criterion: the mean standard deviation across repeats of one dialogue.
+    spread: dict[str, float] = field(default_factory=dict)
+
+    def means(self) -> dict[str, float | None]:
+        return {
+            name: statistics.fmean(values) if values else None
+            for name, values in self.values.items()
+        }
+
+
+def load_prompt(language: str) -> str:
+    return (CONFIG_DIR / "rubric" / PROMPT_FILES[language]).read_text(encoding="utf-8").strip()
+
+
+def render_dialogue(dialogue: Dialogue) -> str:
+    names = {"zh": {"user": "用户", "assistant": "聊天机器人"}, "en": {}}[dialogue.language]
+    lines = []
+    for turn in dialogue.conversations:
+        if turn["role"] not in ("user", "assistant"):
+            continue
+        label = names.get(turn["role"], "User" if turn["role"] == "user" else "Chatbot")
+        lines.append(f"{label}: {turn['content']}")
+    return "\n".join(lines)
+
+
+def parse_judgement(text: str) -> tuple[dict[str, int], dict[str, str]]:
+    """Read the four scores and reasons from a judge's answer, or raise JudgeAnswerError."""
+    candidate = None
+    fenced = _FENCE.search(text)
+    if fenced:
+        candidate = fenced.group(1)
+    elif "{" in text:
+        start = text.index("{")
+        end = text.rfind("}")
+        if end <= start:
+            raise JudgeAnswerError("the JSON object is cut off (truncated)")
+        candidate = text[start : end + 1]
+    if candidate is None:
+        if _REFUSAL.search(text):
+            raise JudgeAnswerError("the answer is a refusal, not a rating")
+        raise JudgeAnswerError("the answer holds no JSON object")
+    try:
+        data = json.loads(candidate)
+    except json.JSONDecodeError as exc:
+        raise JudgeAnswerError(f"the JSON object is invalid or truncated ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise JudgeAnswerError("the answer is not a JSON object")
+
+    scores: dict[str, int] = {}
+    reasons: dict[str, str] = {}
+    for name in CRITERIA:
+        entry = data.get(name)
+        if entry is None:
+            raise JudgeAnswerError(f"the criterion {name!r} is missing")
+        score = entry.get("score") if isinstance(entry, dict) else entry
+        reason = entry.get("reason", "") if isinstance(entry, dict) else ""
+        try:
+            value = int(str(score).strip())
+        except ValueError:
+            raise JudgeAnswerError(f"the score of {name!r} is not a number: {score!r}") from None
+        if not 1 <= value <= 5:
+            raise JudgeAnswerError(f"the score of {name!r} is {value}, outside 1 to 5")
+        scores[name] = value
+        reasons[name] = str(reason).strip()
+    return scores, reasons
+
+
+async def judge_dialogue(
+    generator: Generator, dialogue: Dialogue, sampling: SamplingParams = JUDGE_SAMPLING
+) -> Judgement:
+    """Ask the judge once, and once more with a repair request when the answer is unusable."""
+    messages = [
+        ChatMessage("system", load_prompt(dialogue.language)),
+        ChatMessage("user", render_dialogue(dialogue)),
+    ]
+    raw_answers: list[str] = []
+    problem = ""
+    for attempt in (1, 2):
+        try:
+            result = await generator.generate(messages, sampling)
+        except GenerationError as exc:
+            return Judgement(
+                None, None, "\n---\n".join(raw_answers), f"judge failed: {exc}", attempt
+            )
+        raw_answers.append(result.text)
+        try:
+            scores, reasons = parse_judgement(result.text)
+        except JudgeAnswerError as exc:
+            problem = str(exc)
+            messages = [
+                *messages,
+                ChatMessage("assistant", result.text),
+                ChatMessage(
+                    "user",
+                    f"Your answer could not be used: {problem}. Answer again with only the "
+                    "JSON object, every criterion with a score from 1 to 5 and a reason.",
+                ),
+            ]
+            continue
+        return Judgement(scores, reasons, result.text, None, attempt)
+    return Judgement(None, None, "\n---\n".join(raw_answers), problem, 2)
+
+
+def sampling_key(sampling: SamplingParams) -> str:
+    """Return a short hash of the sampling settings, part of what makes a score reusable."""
+    canonical = json.dumps(dataclasses.asdict(sampling), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+async def score_dialogues(
+    sessions: async_sessionmaker[AsyncSession],
+    generator: Generator,
+    dialogues: Iterable[Dialogue],
+    *,
+    repeat: int = 1,
+    force: bool = False,
+    sampling: SamplingParams = JUDGE_SAMPLING,
+) -> ScoreSummary:
+    """Score every dialogue ``repeat`` times, store the results and summarise them."""
+    summary = ScoreSummary()
+    spreads: dict[str, list[float]] = {name: [] for name in CRITERIA}
+    settings = sampling_key(sampling)
+    judge_model = generator.model_name
+    for dialogue in dialogues:
+        per_repeat: dict[str, list[int]] = {name: [] for name in CRITERIA}
+        for index in range(repeat):
+            identity = {
+                "dialogue_key": dialogue.key,
+                "judge_model": judge_model,
+                "prompt_version": PROMPT_VERSION,
+                "settings_key": settings,
+                "repeat_index": index,
+            }
+            stored = None if force else await _stored_score(sessions, identity)
+            if stored is None:
+                judgement = await judge_dialogue(generator, dialogue, sampling)
+                stored = await _store(sessions, identity, dialogue, judgement)
+                summary.scored += 1
+            else:
+                summary.reused += 1
+            if stored.error is not None or stored.scores is None:
+                summary.errors += 1
+                continue
+            for name in CRITERIA:
+                summary.values[name].append(stored.scores[name])
+                per_repeat[name].append(stored.scores[name])
+        for name, values in per_repeat.items():
+            if len(values) > 1:
+                spreads[name].append(statistics.pstdev(values))
+    summary.spread = {name: statistics.fmean(values) for name, values in spreads.items() if values}
+    return summary
+
+
+async def _stored_score(
+    sessions: async_sessionmaker[AsyncSession], identity: dict[str, Any]
+) -> RubricScore | None:
+    async with sessions() as session:
+        statement = select(RubricScore).filter_by(**identity)
+        return (await session.execute(statement)).scalar_one_or_none()
+
+
+async def _store(
+    sessions: async_sessionmaker[AsyncSession],
+    identity: dict[str, Any],
+    dialogue: Dialogue,
+    judgement: Judgement,
+) -> RubricScore:
+    async with sessions.begin() as session:
+        await session.execute(delete(RubricScore).filter_by(**identity))
+        row = RubricScore(
+            **identity,
+            source=dialogue.source,
+            language=dialogue.language,
+            dialogue=dialogue.conversations,
+            adapter_version=dialogue.adapter_version,
+            scores=judgement.scores,
+            reasons=judgement.reasons,
+            error=judgement.error,
+            raw=judgement.raw if judgement.error else None,
+            attempts=judgement.attempts,
+            created_at=utcnow(),
+        )
+        session.add(row)
+    if judgement.error:
+        _LOGGER.warning("Judge error on dialogue %s: %s", dialogue.key[:12], judgement.error)
+    return row
+
+
+def read_dialogues(path: Path, *, source: str, limit: int | None = None) -> list[Dialogue]:
+    """Read dialogues in the training format (an export or any such JSONL file)."""
+    dialogues = []
+    with path.open(encoding="utf-8") as file:
+        for line in file:
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            turns = [
+                {"role": turn["role"], "content": turn["content"]}
+                for turn in item["conversations"]
+                if turn.get("role") in ("user", "assistant")
+            ]
+            if any(turn["role"] == "assistant" for turn in turns):
+                dialogues.append(Dialogue(turns, source, item.get("adapter_version")))
+            if limit is not None and len(dialogues) >= limit:
+                break
+    return dialogues
+
+
+async def sample_database(
+    sessions: async_sessionmaker[AsyncSession],
+    count: int,
+    *,
+    days: int = 30,
+    seed: int | None = None,
+) -> list[Dialogue]:
+    """Pick ``count`` recent conversations of users who consented to training and scoring.
+
+    The turns are scrubbed of personal data and merged as in an export.
+    """
+    import datetime as dt
+    import random
+
+    from core.privacy.export import training_messages
+    from core.storage.models import Turn, User
+
+    since = utcnow() - dt.timedelta(days=days)
+    async with sessions() as session:
+        candidates = list(
+            (
+                await session.execute(
+                    select(Turn.conversation_id)
+                    .join(User, User.id == Turn.user_id)
+                    .where(User.training_consent.is_(True), Turn.created_at >= since)
+                    .distinct()
+                )
+            ).scalars()
+        )
+        chosen = random.Random(seed).sample(candidates, min(count, len(candidates)))
+        dialogues = []
+        for conversation_id in sorted(chosen):
+            turns = (
+                await session.execute(
+                    select(Turn.role, Turn.content, Turn.revision, Turn.meta)
+                    .where(Turn.conversation_id == conversation_id)
+                    .order_by(Turn.created_at, Turn.id)
+                )
+            ).all()
+            kept = [
+                (role, content)
+                for role, content, revision, meta in turns
+                if revision == 0 and not (meta and meta.get("legal_basis"))
+            ]
+            messages = training_messages(kept)
+            if messages:
+                dialogues.append(Dialogue(messages, "database"))
+    return dialogues
+
+
+def spread_per_criterion(rows: Sequence[RubricScore]) -> dict[str, float]:
+    """Return, per criterion, the mean population standard deviation across a dialogue's repeats."""
+    by_dialogue: dict[str, list[dict[str, int]]] = {}
+    for row in rows:
+        if row.scores:
+            by_dialogue.setdefault(row.dialogue_key, []).append(row.scores)
+    spreads: dict[str, float] = {}
+    for name in CRITERIA:
+        values = [
+            statistics.pstdev([scores[name] for scores in repeats])
+            for repeats in by_dialogue.values()
+            if len(repeats) > 1
+        ]
+        if values:
+            spreads[name] = statistics.fmean(values)
+    return spreads
