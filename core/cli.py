@@ -101,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--force", action="store_true", help="score again instead of reusing")
 
+    generate_eval = commands.add_parser(
+        "generate-eval",
+        help="play the user turns of held-out dialogues through the current generator and "
+        "write the new dialogues, to score adapters on the same inputs",
+    )
+    generate_eval.add_argument("source", type=Path, help="dialogues in the training format")
+    generate_eval.add_argument(
+        "--out", type=Path, required=True, help="JSONL file to write (training format)"
+    )
+    generate_eval.add_argument("--limit", type=int, help="play at most this many dialogues")
+
     discord_parser = commands.add_parser("discord", help="Discord administration")
     discord_commands = discord_parser.add_subparsers(
         dest="discord_command", required=True, metavar="ACTION"
@@ -146,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_scheduler(settings))
         if args.command == "score":
             return asyncio.run(_score(args, settings))
+        if args.command == "generate-eval":
+            return asyncio.run(_generate_eval(args, settings))
     except ConfigError as exc:
         print(f"mindharbor: {exc}", file=sys.stderr)
         return 2
@@ -272,6 +285,44 @@ async def _score(args: argparse.Namespace, settings: Settings) -> int:
         spread = summary.spread.get(name)
         extra = f", spread across repeats {spread:.2f}" if spread is not None else ""
         print(f"  {name:22} mean {shown} (n={count}){extra}")
+    return 0
+
+
+async def _generate_eval(args: argparse.Namespace, settings: Settings) -> int:
+    from core.generation import create_generator, sampling_from_settings
+    from core.prompt import PromptBuilder, load_system_prompts
+    from training import rubric
+
+    if not args.source.is_file():
+        print(f"mindharbor: dialogue file {str(args.source)!r} not found", file=sys.stderr)
+        return 2
+    generator = create_generator(settings.generator, load_secrets())
+    await generator.start()
+    try:
+        sampling = sampling_from_settings(settings.generator)
+        builder = PromptBuilder(
+            system_prompts=load_system_prompts(settings.prompt),
+            count_tokens=generator.count_prompt_tokens,
+            context_length=settings.prompt.context_length or generator.context_length,
+            max_new_tokens=sampling.max_new_tokens,
+            truncation_marker=settings.prompt.truncation_marker,
+            default_locale=settings.chat.default_locale,
+        )
+        local = settings.generator.local
+        adapter = local.adapter if settings.generator.backend == "local" else None
+        version = f"{generator.model_name}+{adapter}" if adapter else generator.model_name
+        written = await rubric.generate_eval_dialogues(
+            generator,
+            builder,
+            sampling,
+            args.source,
+            args.out,
+            adapter_version=version,
+            limit=args.limit,
+        )
+    finally:
+        await generator.stop()
+    print(f"Wrote {written} dialogues from {version} to {args.out}")
     return 0
 
 

@@ -155,3 +155,25 @@ def test_score_command_with_openai_judge(tmp_path: Path) -> None:
     assert "safety                 mean 4.00 (n=3)" in first.stdout
     assert "3 dialogues: 0 scored, 3 reused" in second.stdout
     assert len(server.requests) == 3
+
+
+@pytest.mark.skipif(not HOLDOUT.is_file(), reason=f"{HOLDOUT} is not present")
+def test_generate_eval_plays_held_out_user_turns(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    out = tmp_path / "eval.jsonl"
+
+    result = run_cli("generate-eval", str(HOLDOUT), "--out", str(out), "--limit", "2", env=cli_env)
+
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 2
+    with HOLDOUT.open(encoding="utf-8") as file:
+        source = [json.loads(next(file)) for _ in range(2)]
+    for generated, original in zip(lines, source, strict=True):
+        user_turns = [
+            turn["content"] for turn in original["conversations"] if turn["role"] == "user"
+        ]
+        played = [turn["content"] for turn in generated["conversations"] if turn["role"] == "user"]
+        assert played == user_turns
+        roles = [turn["role"] for turn in generated["conversations"]]
+        assert roles == ["user", "assistant"] * len(user_turns)
+        assert generated["adapter_version"] == "tiny-chat"

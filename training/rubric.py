@@ -357,3 +357,57 @@ def spread_per_criterion(rows: Sequence[RubricScore]) -> dict[str, float]:
         if values:
             spreads[name] = statistics.fmean(values)
     return spreads
+
+
+async def generate_eval_dialogues(
+    generator: Generator,
+    builder: Any,
+    sampling: SamplingParams,
+    source_path: Path,
+    out_path: Path,
+    *,
+    adapter_version: str,
+    limit: int | None = None,
+) -> int:
+    """Play each dialogue's user turns through ``generator`` and write the new dialogues.
+
+    The output is in the training format with ``adapter_version``, so two
+    adapters scored on the same file are compared on the same user turns.
+    Returns how many dialogues were written.
+    """
+    from core.prompt import HistoryTurn
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    partial = out_path.with_name(out_path.name + ".partial")
+    with source_path.open(encoding="utf-8") as source, partial.open("w", encoding="utf-8") as out:
+        for line in source:
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            user_turns = [
+                turn["content"] for turn in item["conversations"] if turn.get("role") == "user"
+            ]
+            if not user_turns:
+                continue
+            dialogue = Dialogue([{"role": "user", "content": user_turns[0]}], "generate-eval")
+            locale = "zh-CN" if dialogue.language == "zh" else "en"
+            history: list[HistoryTurn] = []
+            conversations: list[dict[str, str]] = []
+            for text in user_turns:
+                history.append(HistoryTurn("user", text))
+                built = builder.build(history, locale)
+                result = await generator.generate(built.messages, sampling)
+                reply = result.text.strip()
+                history.append(HistoryTurn("assistant", reply))
+                conversations += [
+                    {"role": "user", "content": text},
+                    {"role": "assistant", "content": reply},
+                ]
+            record = {"conversations": conversations, "adapter_version": adapter_version}
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            written += 1
+            if limit is not None and written >= limit:
+                break
+    partial.replace(out_path)
+    return written
