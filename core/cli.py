@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate_eval.add_argument("--limit", type=int, help="play at most this many dialogues")
 
+    report = commands.add_parser(
+        "report", help="write the rubric report (HTML page and PNG plots) from stored scores"
+    )
+    report.add_argument(
+        "--out", type=Path, default=Path("var/report"), help="folder to write (default var/report)"
+    )
+
     discord_parser = commands.add_parser("discord", help="Discord administration")
     discord_commands = discord_parser.add_subparsers(
         dest="discord_command", required=True, metavar="ACTION"
@@ -159,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_score(args, settings))
         if args.command == "generate-eval":
             return asyncio.run(_generate_eval(args, settings))
+        if args.command == "report":
+            return asyncio.run(_report(args, settings))
     except ConfigError as exc:
         print(f"mindharbor: {exc}", file=sys.stderr)
         return 2
@@ -323,6 +332,20 @@ async def _generate_eval(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await generator.stop()
     print(f"Wrote {written} dialogues from {version} to {args.out}")
+    return 0
+
+
+async def _report(args: argparse.Namespace, settings: Settings) -> int:
+    from core.storage import db
+    from training.report import build_report
+
+    await db.upgrade_async(settings.database.url)
+    engine = db.create_engine(settings.database)
+    try:
+        page = await build_report(db.create_session_factory(engine), args.out)
+    finally:
+        await engine.dispose()
+    print(f"Wrote {page}")
     return 0
 
 
