@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--export", type=Path, metavar="DIR", help="the newest export in DIR (an export folder)"
     )
     source.add_argument(
+        "--pairs",
+        type=Path,
+        metavar="FILE",
+        help="labelled dialogue pairs that check the judge (bench/eval/data/judge_pairs.jsonl)",
+    )
+    source.add_argument(
         "--database",
         type=int,
         metavar="N",
@@ -256,6 +262,11 @@ async def _score(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.database is not None:
             dialogues = await rubric.sample_database(sessions, args.database)
+        elif args.pairs is not None:
+            if not args.pairs.is_file():
+                print(f"mindharbor: pairs file {str(args.pairs)!r} not found", file=sys.stderr)
+                return 2
+            dialogues = rubric.read_pairs(args.pairs)
         else:
             path = args.file
             if args.export is not None:
@@ -288,6 +299,21 @@ async def _score(args: argparse.Namespace, settings: Settings) -> int:
         f"{summary.errors} judge errors (left out of the means); judge {judge.model_name}, "
         f"prompt {rubric.PROMPT_VERSION}"
     )
+    if args.pairs is not None:
+        engine = db.create_engine(settings.database)
+        try:
+            async with db.create_session_factory(engine)() as session:
+                from sqlalchemy import select
+
+                from core.storage.models import RubricScore
+
+                rows = list((await session.execute(select(RubricScore))).scalars())
+        finally:
+            await engine.dispose()
+        for criterion, (right, total) in sorted(
+            rubric.pair_agreement(rows).get(judge.model_name, {}).items()
+        ):
+            print(f"  pairs ranked right on {criterion}: {right} of {total}")
     for name, mean in summary.means().items():
         count = len(summary.values[name])
         shown = f"{mean:.2f}" if mean is not None else "-"

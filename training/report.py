@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.storage.models import Role, RubricScore, Turn, as_utc, utcnow
-from training.rubric import CRITERIA, spread_per_criterion
+from training.rubric import CRITERIA, pair_agreement, spread_per_criterion
 
 LABELS = {
     "therapeutic_relevance": "Therapeutic relevance",
@@ -59,6 +59,8 @@ async def build_report(
     async with sessions() as session:
         rows = list((await session.execute(select(RubricScore))).scalars())
         replies = await _reply_stats(session, reply_days)
+    pairs = [row for row in rows if row.source.startswith("pairs:")]
+    rows = [row for row in rows if not row.source.startswith("pairs:")]
     scored = [row for row in rows if row.scores]
     errors = [row for row in rows if not row.scores]
 
@@ -66,7 +68,7 @@ async def build_report(
     by_adapter = _plot_adapters(scored, out_dir / "adapters.png")
     _plot_trend(scored, out_dir / "trend.png")
 
-    page = _render(rows, scored, errors, by_adapter, replies)
+    page = _render(rows, scored, errors, by_adapter, replies, pair_agreement(pairs))
     path = out_dir / "index.html"
     path.write_text(page, encoding="utf-8")
     return path
@@ -168,8 +170,19 @@ def _render(
     errors: list[RubricScore],
     by_adapter: dict[str, dict[str, tuple[float, float, int]]],
     replies: ReplyStats,
+    agreement: dict[str, dict[str, tuple[int, int]]],
 ) -> str:
     escape = html.escape
+    agreement_text = (
+        "; ".join(
+            f"{escape(judge)}: "
+            + ", ".join(
+                f"{LABELS[name]} {right}/{total}" for name, (right, total) in sorted(counts.items())
+            )
+            for judge, counts in sorted(agreement.items())
+        )
+        or "not measured (run mindharbor score --pairs bench/eval/data/judge_pairs.jsonl)"
+    )
     error_rate = len(errors) / len(rows) if rows else 0.0
     judges = sorted({f"{row.judge_model} ({row.prompt_version})" for row in rows})
     adapter_rows = "".join(
@@ -229,6 +242,8 @@ left out of every figure below). Judges: {escape(", ".join(judges) or "-")}.</p>
 <h2>{SECTIONS[5]}</h2>
 <p>Mean spread (standard deviation) across repeated scorings of one dialogue:
 {escape(spread_text)}.</p>
+<p>Labelled pairs ranked right (the better dialogue scored higher on the pair's criterion):
+{agreement_text}.</p>
 <h2>{SECTIONS[6]}</h2>
 <p>Of {replies.replies} replies stored in the last 90 days, {length_rate:.1%} stopped at the
 length limit and {repetition_rate:.1%} were cut because they repeated themselves.</p>

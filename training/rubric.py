@@ -411,3 +411,38 @@ async def generate_eval_dialogues(
                 break
     partial.replace(out_path)
     return written
+
+
+def read_pairs(path: Path) -> list[Dialogue]:
+    """Read labelled judge pairs as dialogues whose source names the pair, side and criterion."""
+    dialogues = []
+    with path.open(encoding="utf-8") as file:
+        for line in file:
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            for side in ("better", "worse"):
+                source = f"pairs:{item['id']}:{side}:{item['criterion']}"
+                dialogues.append(Dialogue(item[side]["conversations"], source))
+    return dialogues
+
+
+def pair_agreement(rows: Sequence[RubricScore]) -> dict[str, dict[str, tuple[int, int]]]:
+    """Return per judge and criterion (pairs ranked right, pairs judged) from stored pair scores.
+
+    A pair counts as ranked right when the better dialogue scored strictly
+    higher on the pair's criterion; a judge error on either side leaves the pair out.
+    """
+    sides: dict[tuple[str, str, str], dict[str, int]] = {}
+    for row in rows:
+        if not row.source.startswith("pairs:") or not row.scores or row.repeat_index != 0:
+            continue
+        _, pair_id, side, criterion = row.source.split(":", 3)
+        sides.setdefault((row.judge_model, pair_id, criterion), {})[side] = row.scores[criterion]
+    results: dict[str, dict[str, tuple[int, int]]] = {}
+    for (judge, _, criterion), scores in sides.items():
+        if set(scores) != {"better", "worse"}:
+            continue
+        right, total = results.setdefault(judge, {}).get(criterion, (0, 0))
+        results[judge][criterion] = (right + (scores["better"] > scores["worse"]), total + 1)
+    return results

@@ -314,8 +314,9 @@ class RubricScore(Base):
     prompt_version: Mapped[str] = mapped_column(String(32))
     settings_key: Mapped[str] = mapped_column(String(32))
     repeat_index: Mapped[int] = mapped_column(Integer, default=0)
-    # export, file, database or generate-eval.
-    source: Mapped[str] = mapped_column(String(32))
+    # export, file or database; "pairs:<pair id>:<better|worse>:<criterion>" for
+    # the labelled pairs that check the judge.
+    source: Mapped[str] = mapped_column(String(96))
     language: Mapped[str] = mapped_column(String(8))
     dialogue: Mapped[list[dict[str, str]]] = mapped_column(JSON)
     adapter_version: Mapped[str | None] = mapped_column(String(128))

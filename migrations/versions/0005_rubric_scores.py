@@ -29,7 +29,7 @@ def upgrade() -> None:
         sa.Column("prompt_version", sa.String(length=32), nullable=False),
         sa.Column("settings_key", sa.String(length=32), nullable=False),
         sa.Column("repeat_index", sa.Integer(), nullable=False),
-        sa.Column("source", sa.String(length=32), nullable=False),
+        sa.Column("source", sa.String(length=96), nullable=False),
         sa.Column("language", sa.String(length=8), nullable=False),
         sa.Column("dialogue", sa.JSON(), nullable=False),
         sa.Column("adapter_version", sa.String(length=128), nullable=True),

@@ -209,3 +209,31 @@ async def test_database_sample_takes_consented_users_scrubbed(sessions) -> None:
     assert len(dialogues) == 1
     assert dialogues[0].source == "database"
     assert dialogues[0].conversations[0]["content"] == "call me on [PHONE], user 0"
+
+
+async def test_pairs_agreement(judge, sessions, tmp_path) -> None:
+    from training.rubric import pair_agreement, read_pairs
+
+    pair = {
+        "id": "jp-en-001",
+        "lang": "en",
+        "criterion": "safety",
+        "better": {"conversations": DIALOGUE_EN.conversations},
+        "worse": {
+            "conversations": [
+                DIALOGUE_EN.conversations[0],
+                {"role": "assistant", "content": "Just stop worrying."},
+            ]
+        },
+    }
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(pair) + "\n", encoding="utf-8")
+    server, generator = judge
+    server.script(
+        Reply(text=answer(safety={"score": 5, "reason": "safe"})),
+        Reply(text=answer(safety={"score": 2, "reason": "dismissive"})),
+    )
+
+    await score_dialogues(sessions, generator, read_pairs(path))
+
+    assert pair_agreement(await rows(sessions)) == {"judge-model": {"safety": (1, 1)}}
