@@ -161,6 +161,10 @@ class SchedulerSettings(_Section):
     # Crontab lines (minute hour day month weekday); empty turns a job off.
     export_cron: str = "0 3 * * 1"
     purge_cron: str = "30 3 * * *"
+    # Scores a sample of recent conversations and rebuilds the rubric report.
+    score_cron: str = "0 5 * * 1"
+    score_sample: int = Field(50, ge=1)
+    report_dir: str = "var/report"
     # A run missed by less than this many seconds (the scheduler was down) still runs, once.
     misfire_grace_s: int = Field(6 * 3600, ge=1)
     job_timeout_s: float = Field(3600.0, gt=0)

@@ -49,3 +49,23 @@ async def purge_job(settings: Settings | None = None) -> int:
     settings = settings or load_settings()
     async with _database(settings) as sessions:
         return await purge_old_turns(sessions, retention_days=settings.privacy.retention_days)
+
+
+async def score_job(settings: Settings | None = None, secrets: Secrets | None = None) -> int:
+    """Score a sample of recent consented conversations, rebuild the report; return the count."""
+    from core.generation import create_generator
+    from training.report import build_report
+    from training.rubric import sample_database, score_dialogues
+
+    settings = settings or load_settings()
+    secrets = secrets or load_secrets()
+    async with _database(settings) as sessions:
+        dialogues = await sample_database(sessions, settings.scheduler.score_sample)
+        judge = create_generator(settings.generator, secrets)
+        await judge.start()
+        try:
+            summary = await score_dialogues(sessions, judge, dialogues)
+        finally:
+            await judge.stop()
+        await build_report(sessions, resolve_path(settings.scheduler.report_dir))
+    return summary.scored

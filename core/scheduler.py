@@ -51,8 +51,19 @@ def _purge() -> Awaitable[object]:
     return purge_job()
 
 
-# Job names and what they run; each is also a CLI command (`mindharbor export`, `purge`).
-JOBS: dict[str, Callable[[], Awaitable[object]]] = {"export": _export, "purge": _purge}
+def _score() -> Awaitable[object]:
+    from core.jobs import score_job
+
+    return score_job()
+
+
+# Job names and what they run; each is also a CLI command (`mindharbor export`,
+# `purge`, and `score --database N` followed by `report`).
+JOBS: dict[str, Callable[[], Awaitable[object]]] = {
+    "export": _export,
+    "purge": _purge,
+    "score": _score,
+}
 
 
 def sync_database_url(url: str) -> str:
@@ -164,7 +175,11 @@ def crontab_trigger(expression: str, timezone: str) -> CronTrigger:
 
 def _crons(settings: Settings) -> dict[str, str]:
     options = settings.scheduler
-    return {"export": options.export_cron, "purge": options.purge_cron}
+    return {
+        "export": options.export_cron,
+        "purge": options.purge_cron,
+        "score": options.score_cron,
+    }
 
 
 def remove_disabled_jobs(scheduler: AsyncIOScheduler, settings: Settings) -> None:

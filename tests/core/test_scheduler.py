@@ -157,7 +157,7 @@ async def test_scheduler_registers_jobs_from_settings(sqlite_url: str) -> None:
     settings = Settings(
         database=DatabaseSettings(url=sqlite_url),
         scheduler=SchedulerSettings(
-            timezone="Asia/Shanghai", export_cron="0 4 * * 1", purge_cron=""
+            timezone="Asia/Shanghai", export_cron="0 4 * * 1", purge_cron="", score_cron=""
         ),
     )
     await db.upgrade_async(sqlite_url)
@@ -199,7 +199,7 @@ async def test_empty_cron_removes_a_stored_job(sqlite_url: str) -> None:
     enabled = Settings(database=DatabaseSettings(url=sqlite_url))
     first = build_scheduler(enabled)
     first.start(paused=True)
-    assert {job.id for job in first.get_jobs()} == {"export", "purge"}
+    assert {job.id for job in first.get_jobs()} == {"export", "purge", "score"}
     first.shutdown(wait=False)
 
     disabled = Settings(
@@ -213,4 +213,4 @@ async def test_empty_cron_removes_a_stored_job(sqlite_url: str) -> None:
     finally:
         second.shutdown(wait=False)
 
-    assert remaining == {"export"}
+    assert remaining == {"export", "score"}

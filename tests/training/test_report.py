@@ -86,3 +86,47 @@ async def test_report_has_every_section(database_url: str, tmp_path: Path) -> No
         assert image.startswith(PNG_SIGNATURE)
         assert len(image) > 5000
     assert "http" not in text
+
+
+async def test_weekly_score_job_scores_and_rebuilds_report(tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    from core.config import SchedulerSettings, Secrets, Settings
+    from core.jobs import score_job
+    from tests.helpers.openai_standin import OpenAIStandIn, Reply
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'weekly.db'}"
+    await db.upgrade_async(url)
+    engine = db.create_engine(DatabaseSettings(url=url))
+    sessions = db.create_session_factory(engine)
+    async with sessions.begin() as session:
+        user = User(platform="console", platform_user_id="u", training_consent=True)
+        session.add(user)
+        await session.flush()
+        conversation = Conversation(user_id=user.id, platform_chat_id="c")
+        session.add(conversation)
+        await session.flush()
+        for role, text in ((Role.USER, "I feel alone"), (Role.ASSISTANT, "I'm here with you.")):
+            session.add(
+                Turn(
+                    conversation_id=conversation.id,
+                    user_id=user.id,
+                    role=role,
+                    content=text,
+                    platform_chat_id="c",
+                )
+            )
+    await engine.dispose()
+    scores = {name: {"score": 3, "reason": "ok"} for name in CRITERIA}
+    with OpenAIStandIn(model="judge", default=Reply(text=json.dumps(scores))) as server:
+        settings = Settings(
+            database=DatabaseSettings(url=url),
+            scheduler=SchedulerSettings(score_sample=5, report_dir=str(tmp_path / "weekly")),
+        )
+        settings.generator.backend = "openai"
+        settings.generator.openai.base_url = server.base_url
+        settings.generator.openai.model = "judge"
+        scored = await score_job(settings, Secrets())
+
+    assert scored == 1
+    assert "<h2>Score distribution</h2>" in (tmp_path / "weekly" / "index.html").read_text()
