@@ -107,6 +107,8 @@ def _plot_distribution(rows: list[RubricScore], path: Path) -> None:
         axis.set_xticks(range(1, 6))
         axis.set_xlabel("score")
     axes[0].set_ylabel("dialogues")
+    if not rows:
+        _mark_empty(figure)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -138,6 +140,8 @@ def _plot_adapters(
     axis.set_ylabel("mean score, 95 % CI")
     if summary:
         axis.legend(fontsize=8)
+    else:
+        _mark_empty(figure)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -157,7 +161,11 @@ def _plot_trend(rows: list[RubricScore], path: Path) -> None:
         axis.plot(ordered, means, marker="o", label=LABELS[name])
     axis.set_ylim(0.5, 5.5)
     axis.set_ylabel("mean score per week")
-    axis.legend(fontsize=8)
+    if ordered:
+        axis.legend(fontsize=8)
+    else:
+        axis.set_xticks([])
+        _mark_empty(figure)
     figure.autofmt_xdate()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -249,6 +257,10 @@ left out of every figure below). Judges: {escape(", ".join(judges) or "-")}.</p>
 length limit and {repetition_rate:.1%} were cut because they repeated themselves.</p>
 </body></html>
 """
+
+
+def _mark_empty(figure: plt.Figure) -> None:
+    figure.text(0.5, 0.5, "no scores yet", ha="center", va="center", fontsize=14, color="#888")
 
 
 def _first_user_turn(row: RubricScore) -> str:
