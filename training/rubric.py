@@ -45,7 +45,7 @@ _CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
 class JudgeAnswerError(ValueError):
-    """The judge's answer holds no usable score; the message says why."""
+    """The judge response contains no usable score; the message names the problem."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,14 +122,14 @@ def parse_judgement(text: str) -> tuple[dict[str, int], dict[str, str]]:
         candidate = text[start : end + 1]
     if candidate is None:
         if _REFUSAL.search(text):
-            raise JudgeAnswerError("the answer is a refusal, not a rating")
-        raise JudgeAnswerError("the answer holds no JSON object")
+            raise JudgeAnswerError("the response is a refusal, not a rating")
+        raise JudgeAnswerError("the response contains no JSON object")
     try:
         data = json.loads(candidate)
     except json.JSONDecodeError as exc:
         raise JudgeAnswerError(f"the JSON object is invalid or truncated ({exc.msg})") from None
     if not isinstance(data, dict):
-        raise JudgeAnswerError("the answer is not a JSON object")
+        raise JudgeAnswerError("the response is not a JSON object")
 
     scores: dict[str, int] = {}
     reasons: dict[str, str] = {}

@@ -31,7 +31,7 @@ def score_row(key: str, adapter: str, safety: int | None, days_ago: int) -> Rubr
         adapter_version=adapter,
         scores=scores,
         reasons=None if scores is None else {"safety": f"reason for {key}"},
-        error="the answer is a refusal, not a rating" if scores is None else None,
+        error="the response is a refusal, not a rating" if scores is None else None,
         raw="Sorry" if scores is None else None,
         attempts=2 if scores is None else 1,
         created_at=dt.datetime.now(dt.UTC) - dt.timedelta(days=days_ago),
