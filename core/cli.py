@@ -118,6 +118,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate_eval.add_argument("--limit", type=int, help="play at most this many dialogues")
 
+    dataset = commands.add_parser("dataset", help="training datasets")
+    dataset_commands = dataset.add_subparsers(
+        dest="dataset_command", required=True, metavar="ACTION"
+    )
+    build = dataset_commands.add_parser(
+        "build",
+        help="combine exports and public corpora into train, validation and test files",
+    )
+    build.add_argument("--out", type=Path, required=True, help="folder to write")
+    build.add_argument(
+        "--source",
+        type=Path,
+        action="append",
+        default=[],
+        help="a JSONL file in the training format (repeatable; default: the public corpora in "
+        "../shared/data)",
+    )
+    build.add_argument(
+        "--exports", type=Path, help="an export folder: every export in it, with its tombstones"
+    )
+    build.add_argument(
+        "--zh-ratio",
+        type=float,
+        help="share of Chinese dialogues after mixing, 0 to 1 (default: keep everything)",
+    )
+    build.add_argument("--seed", type=int, default=0, help="seed of the language mixing")
+
     report = commands.add_parser(
         "report", help="write the rubric report (HTML page and PNG plots) from stored scores"
     )
@@ -174,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_generate_eval(args, settings))
         if args.command == "report":
             return asyncio.run(_report(args, settings))
+        if args.command == "dataset":
+            return _dataset_build(args)
     except ConfigError as exc:
         print(f"mindharbor: {exc}", file=sys.stderr)
         return 2
@@ -358,6 +387,46 @@ async def _generate_eval(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await generator.stop()
     print(f"Wrote {written} dialogues from {version} to {args.out}")
+    return 0
+
+
+def _dataset_build(args: argparse.Namespace) -> int:
+    from core.config import PROJECT_ROOT
+    from training.dataset import build_dataset
+
+    sources: list[tuple[str, Path]] = [(path.stem, path) for path in args.source]
+    if not sources:
+        shared = PROJECT_ROOT.parent / "shared" / "data"
+        sources = [(path.stem, path) for path in sorted(shared.glob("counselling_*.jsonl"))]
+    tombstones: set[str] = set()
+    if args.exports is not None:
+        sources += [(path.stem, path) for path in sorted(args.exports.glob("export-*.jsonl"))]
+        tombstone_file = args.exports / "tombstones.txt"
+        if tombstone_file.is_file():
+            tombstones = set(tombstone_file.read_text(encoding="utf-8").split())
+    missing = [str(path) for _, path in sources if not path.is_file()]
+    if missing or not sources:
+        print(f"mindharbor: dialogue files not found: {missing or 'none given'}", file=sys.stderr)
+        return 2
+    ratios = None
+    if args.zh_ratio is not None:
+        if not 0 <= args.zh_ratio <= 1:
+            print("mindharbor: --zh-ratio must be between 0 and 1", file=sys.stderr)
+            return 2
+        ratios = {"zh": args.zh_ratio, "en": 1 - args.zh_ratio}
+    report = build_dataset(
+        sources, args.out, tombstones=tombstones, language_ratios=ratios, seed=args.seed
+    )
+    counts = ", ".join(f"{name} {count}" for name, count in report.splits.items())
+    print(f"Wrote {counts} to {args.out}")
+    for reason, count in sorted(report.dropped.items()):
+        if count:
+            print(f"  dropped {count}: {reason}")
+    for language, stats in sorted(report.stats.items()):
+        print(
+            f"  {language}: {stats['dialogues']} dialogues, {stats['turns']} turns, "
+            f"about {stats['tokens']} tokens"
+        )
     return 0
 
 
