@@ -91,8 +91,8 @@ class _ReplyPrinter:
         streamed = "".join(self._pieces)
         if streamed and reply.kind is ReplyKind.GENERATED:
             # The stored reply continues the streamed text when held-back text or
-            # crisis resources follow it; it differs when clean-up trimmed the
-            # text or screening replaced it, and then it is shown whole.
+            # crisis resources follow it. When clean-up trimmed the text or
+            # screening replaced it, the reply differs and is shown whole.
             if reply.text.startswith(streamed):
                 print(reply.text[len(streamed) :], end="", file=self._stdout)
             elif streamed.strip() != reply.text.strip():

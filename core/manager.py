@@ -198,8 +198,8 @@ class ConversationManager:
             return Reply(kind=ReplyKind.CONSENT_REQUIRED, text="", locale=stored.locale)
         kind = ReplyKind.DUPLICATE if stored.duplicate else ReplyKind.EDIT_STORED
         if not stored.duplicate and text.strip():
-            # An edit can turn a harmless message into a crisis. Moderators are told,
-            # and the user gets the crisis resources without a new model reply.
+            # An edit can turn a harmless message into a crisis. The case is posted to
+            # moderators, and the user gets the crisis resources without a new model reply.
             assessment, case_id = await self._screen(message, stored, text)
             if assessment.level is RiskLevel.CRISIS and self._safety is not None:
                 resources = self._safety.crisis_resources(stored.locale, message.locale_hint)
@@ -376,8 +376,8 @@ class ConversationManager:
         reply.risk_level, reply.case_id = assessment.level, case_id
 
         if stored.legal_basis is not None and self._safety is not None:
-            # Stored without consent because of the crisis: the resources and a
-            # fixed message go out at once; the model sees nothing.
+            # Stored without consent because of the crisis. The resources and a fixed
+            # message go out at once, and the turn is never sent to the model.
             resources = self._safety.crisis_resources(stored.locale, message.locale_hint)
             reply.kind = ReplyKind.NOTICE
             reply.text = "\n\n".join(

@@ -2,8 +2,8 @@
 
 Jobs are registered by importable reference (``core.scheduler:run_named_job``)
 with the job's name as the only argument, so the job store holds no pickled
-objects of ours. Cron times come from settings in an explicit time zone;
-coalescing and a misfire grace time make a restart around a run time run a
+objects of ours. Cron times come from settings in an explicit time zone.
+Coalescing and a misfire grace time make a restart around a run time run a
 missed job once, not never and not twice. Each run takes a lease in the
 ``job_locks`` table first, so two scheduler processes never run one job at
 the same time, and runs under a timeout; an outcome is logged and a failure

@@ -135,7 +135,7 @@ class Service:
             require_consent=settings.privacy.require_consent,
             retention_days=settings.privacy.retention_days,
         )
-        # Posts crisis cases nobody acknowledged again.
+        # Posts crisis cases that stay unacknowledged to the moderators again.
         self._stop_reminders.clear()
         self._reminders = asyncio.create_task(
             self._safety.desk.run_reminders(self._stop_reminders), name="safety-reminders"

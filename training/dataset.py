@@ -1,11 +1,12 @@
 """Training datasets: exports and public corpora, validated, deduplicated, mixed and split.
 
-Every line is checked (known roles, an optional system turn, then user and
-assistant alternating, no empty content); a trailing unanswered user turn is
-dropped, and dialogues without a complete exchange, duplicates and tombstoned
-users' dialogues are left out, each with its reason counted. The split is by
-a hash of the dialogue, so the same dialogue lands in the same split in every
-build and never in two.
+Every line is checked for known roles, an optional system turn first and no
+empty content. Consecutive turns of one role are merged, and assistant turns
+before the first user turn and a trailing unanswered user turn are dropped.
+Dialogues without a complete exchange, duplicates and tombstoned users'
+dialogues are left out, each with its reason counted. The split is by a hash
+of the dialogue, so the same dialogue lands in the same split in every build
+and never in two.
 """
 
 from __future__ import annotations
@@ -73,12 +74,12 @@ def validate(item: Any) -> tuple[list[dict[str, str]] | None, str | None]:
             }
         else:
             body.append(turn)
-    # A greeting the assistant opens with answers nothing, so it is left out.
+    # A greeting the assistant opens with replies to nothing, so it is left out.
     while body and body[0]["role"] != "user":
         body.pop(0)
     turns = system + body
     if body and body[-1]["role"] == "user":
-        # A trailing user turn has no answer to learn from.
+        # A trailing user turn has no reply to learn from.
         turns = turns[:-1]
         body = body[:-1]
     if not body:

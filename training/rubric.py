@@ -2,8 +2,8 @@
 
 The judge prompt (config/rubric/judge.{en,zh-CN}.txt) carries the full rubric
 and is chosen by the dialogue's language; ``PROMPT_VERSION`` is stored with
-every score. An answer that is not a complete, in-range JSON object gets one
-repair request; if that fails too, the raw text is stored as a judge error,
+every score. A response that is not a complete, in-range JSON object gets one
+repair request. If that fails too, the raw text is stored as a judge error,
 never as a score. Scoring a dialogue again with the same judge, prompt and
 sampling reuses the stored score unless forced.
 """
@@ -109,7 +109,7 @@ def render_dialogue(dialogue: Dialogue) -> str:
 
 
 def parse_judgement(text: str) -> tuple[dict[str, int], dict[str, str]]:
-    """Read the four scores and reasons from a judge's answer, or raise JudgeAnswerError."""
+    """Read the four scores and reasons from a judge response, or raise JudgeAnswerError."""
     candidate = None
     fenced = _FENCE.search(text)
     if fenced:
@@ -153,7 +153,7 @@ def parse_judgement(text: str) -> tuple[dict[str, int], dict[str, str]]:
 async def judge_dialogue(
     generator: Generator, dialogue: Dialogue, sampling: SamplingParams = JUDGE_SAMPLING
 ) -> Judgement:
-    """Ask the judge once, and once more with a repair request when the answer is unusable."""
+    """Ask the judge once, and once more with a repair request when the response is unusable."""
     messages = [
         ChatMessage("system", load_prompt(dialogue.language)),
         ChatMessage("user", render_dialogue(dialogue)),
@@ -431,7 +431,7 @@ def pair_agreement(rows: Sequence[RubricScore]) -> dict[str, dict[str, tuple[int
     """Return per judge and criterion (pairs ranked right, pairs judged) from stored pair scores.
 
     A pair counts as ranked right when the better dialogue scored strictly
-    higher on the pair's criterion; a judge error on either side leaves the pair out.
+    higher on the pair's criterion. A judge error on either side leaves the pair out.
     """
     sides: dict[tuple[str, str, str], dict[str, int]] = {}
     for row in rows:

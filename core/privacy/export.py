@@ -1,7 +1,7 @@
 """Anonymised exports of consented conversations, deletion tombstones and retention purges.
 
-An export holds the conversations of users who consented to training, with a
-turn stored since the previous export, as JSONL in the training format
+An export contains the conversations of users who consented to training, with
+a turn stored since the previous export, as JSONL in the training format
 (``{"conversations": [{"role", "content"}, ...], "user": pseudonym}``) plus a
 manifest. Text is scrubbed of personal data, users are keyed pseudonyms, and
 tombstoned users are left out. Rows are streamed from the database, so memory

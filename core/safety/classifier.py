@@ -76,7 +76,7 @@ class LlmRiskClassifier:
     async def check_reply(self, user_text: str, reply: str) -> tuple[str, ...] | None:
         """Return the unsafe categories the model finds in ``reply`` (empty when safe).
 
-        None when the model fails or its answer cannot be read.
+        None when the request fails or its response cannot be read.
         """
         messages = [
             ChatMessage("system", _REPLY_INSTRUCTIONS),
@@ -94,7 +94,7 @@ class LlmRiskClassifier:
 
 
 def parse_level(answer: str) -> RiskLevel | None:
-    """Read the level from the classifier's answer: JSON first, else a bare level word."""
+    """Read the level from the classifier response: JSON first, else a bare level word."""
     for candidate in _JSON_OBJECT.findall(answer):
         try:
             level = json.loads(candidate).get("level")

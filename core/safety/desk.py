@@ -372,8 +372,8 @@ class SafetyDesk:
         """Open a case on a user (or escalate their open one) on a moderator's judgement.
 
         A typed id must belong to someone who has written to the bot, so that a
-        typo opens nothing; ``known_to_exist`` (a user the platform resolved,
-        such as a context-menu target) skips that check.
+        typo opens nothing. ``known_to_exist`` skips that check for a user the
+        platform resolved, such as a context-menu target.
         """
         if refused := self._refusal(actor, "escalate"):
             return refused

@@ -49,13 +49,13 @@ class SafetyGuard:
         pseudonyms: Pseudonymizer,
     ) -> SafetyGuard:
         safety = settings.safety
+        lexicon = Lexicon.load(resolve_path(safety.lexicon))
+        _LOGGER.info("Loaded risk lexicon %s (version %s)", lexicon.source, lexicon.version)
         resources = CrisisResources.load(resolve_path(safety.resources))
         for warning in resources.review_warnings():
             _LOGGER.warning("%s", warning)
         return cls(
-            screener=RiskScreener(
-                Lexicon.load(resolve_path(safety.lexicon)), window_turns=safety.window_turns
-            ),
+            screener=RiskScreener(lexicon, window_turns=safety.window_turns),
             replies=ReplyScreener.load(resolve_path(safety.reply_rules)),
             resources=resources,
             desk=SafetyDesk(
@@ -109,8 +109,8 @@ class SafetyGuard:
     async def screen_reply(self, reply: str, level: RiskLevel, user_text: str) -> ReplyVerdict:
         """Check a generated reply with the reply rules, then with the classifier when set up.
 
-        A reply the classifier cannot judge (it failed or answered nonsense)
-        keeps the rules' verdict.
+        A reply the classifier cannot judge (the request failed or its response
+        held no verdict) keeps the rules' verdict.
         """
         at_risk = level is not RiskLevel.NONE
         verdict = self.replies.screen(reply, user_at_risk=at_risk)

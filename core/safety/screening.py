@@ -315,7 +315,7 @@ class RiskScreener:
         return tuple(self._apply_context(normalized, found))
 
     def _apply_context(self, text: str, found: list[RiskMatch]) -> list[RiskMatch]:
-        """Discount matches by what the whole message says about them.
+        """Discount matches by the context the whole message gives them.
 
         A study or volunteer question counts for nothing, a past described as
         over drops the matches about it, and a past event or an unwanted

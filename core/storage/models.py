@@ -214,7 +214,7 @@ class SafetyCase(Base):
     status: Mapped[CaseStatus] = mapped_column(
         _string_enum(CaseStatus, "case_status"), default=CaseStatus.OPEN
     )
-    # While True the model stays silent and moderators answer through the bot.
+    # While True the model stays silent and moderators reply through the bot.
     handoff: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     # "system" for risk screening, else "<platform>:<moderator id>".
     opened_by: Mapped[str] = mapped_column(String(80))
@@ -223,7 +223,7 @@ class SafetyCase(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     acknowledged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # When moderators were last told about the case, and how many times in all.
+    # When the case was last posted to moderators, and how many posts reached a channel.
     notified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     notify_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
@@ -320,7 +320,7 @@ class RubricScore(Base):
     language: Mapped[str] = mapped_column(String(8))
     dialogue: Mapped[list[dict[str, str]]] = mapped_column(JSON)
     adapter_version: Mapped[str | None] = mapped_column(String(128))
-    # None together with ``error`` when the judge gave no usable answer.
+    # None together with ``error`` when the judge gave no usable response.
     scores: Mapped[dict[str, int] | None] = mapped_column(JSON)
     reasons: Mapped[dict[str, str] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)

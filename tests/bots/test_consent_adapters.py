@@ -114,7 +114,7 @@ async def test_discord_consent_cycle(discord: tuple) -> None:
     bot_id = server.bot.id
 
     def bot_messages() -> list:
-        # Messages the bot sent in the channel, not its answers to slash commands.
+        # Messages the bot sent in the channel, not its responses to slash commands.
         return [
             m for m in server.messages_in(dm.id) if m.author.id == bot_id and m.source == "channel"
         ]

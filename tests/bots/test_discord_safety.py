@@ -60,7 +60,7 @@ class Harness:
         return self.bot_messages(channel_id)
 
     async def case(self, name: str, user: Any = DEFAULT_MODERATOR, **options: Any) -> str:
-        """Run ``/case name`` as ``user`` and return the ephemeral answer."""
+        """Run ``/case name`` as ``user`` and return the ephemeral follow-up text."""
         inner = [
             {"name": key, "type": INTEGER if isinstance(value, int) else STRING, "value": value}
             for key, value in options.items()
