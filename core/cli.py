@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from core.config import Settings, load_secrets, load_settings
+from core.config import CONFIG_DIR, Settings, load_secrets, load_settings
 from core.errors import ConfigError
 
 _LOGGER = logging.getLogger(__name__)
@@ -145,6 +145,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--seed", type=int, default=0, help="seed of the language mixing")
 
+    train = commands.add_parser(
+        "train", help="train a LoRA adapter on a dataset (see config/lora.yaml)"
+    )
+    train.add_argument(
+        "--config",
+        dest="recipe",
+        type=Path,
+        default=CONFIG_DIR / "lora.yaml",
+        help="the training recipe (default: config/lora.yaml)",
+    )
+    train.add_argument("--data", type=Path, help="dataset folder (default: the recipe's data_dir)")
+    train.add_argument("--out", type=Path, help="output folder (default: the recipe's output_dir)")
+    train.add_argument("--model", help="base model: 'embedded' or a folder (default: the recipe's)")
+    train.add_argument("--max-steps", type=int, help="override training_args.max_steps")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        help="continue from a checkpoint folder, or from the newest one in the output folder",
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    merge = commands.add_parser(
+        "merge", help="merge a LoRA adapter into its base model and write a plain model folder"
+    )
+    merge.add_argument("adapter", type=Path, help="the adapter folder")
+    merge.add_argument("--out", type=Path, required=True, help="folder to write")
+    merge.add_argument(
+        "--base", help="base model folder or 'embedded' (default: the one the adapter names)"
+    )
+
     report = commands.add_parser(
         "report", help="write the rubric report (HTML page and PNG plots) from stored scores"
     )
@@ -203,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_report(args, settings))
         if args.command == "dataset":
             return _dataset_build(args)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "merge":
+            return _merge(args)
     except ConfigError as exc:
         print(f"mindharbor: {exc}", file=sys.stderr)
         return 2
@@ -473,6 +508,46 @@ async def _discord_sync(args: argparse.Namespace, settings: Settings) -> int:
     )
     names = await adapter.login_and_sync()
     print(f"Registered {len(names)} commands: {', '.join(names)}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.recipe import load_recipe
+    from training.train import TrainingError, print_summary, train
+
+    if not args.recipe.is_file():
+        print(f"mindharbor: recipe {str(args.recipe)!r} not found", file=sys.stderr)
+        return 2
+    recipe = load_recipe(
+        args.recipe,
+        data_dir=args.data,
+        output_dir=args.out,
+        model=args.model,
+        max_steps=args.max_steps,
+    )
+    resume: str | bool | None = None
+    if args.resume == "latest":
+        resume = True
+    elif args.resume is not None:
+        resume = args.resume
+    try:
+        result = train(recipe, resume=resume, progress=not args.no_progress)
+    except TrainingError as exc:
+        print(f"mindharbor: {exc}", file=sys.stderr)
+        return 1
+    print_summary(result)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from training.merge import MergeError, merge_adapter
+
+    try:
+        out = merge_adapter(args.adapter, args.out, base=args.base)
+    except MergeError as exc:
+        print(f"mindharbor: {exc}", file=sys.stderr)
+        return 2
+    print(f"Merged {args.adapter} into its base model: {out}")
     return 0
 
 
