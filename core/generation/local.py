@@ -152,6 +152,8 @@ class LocalGenerator(Generator):
 
         self._model_source = str(model)
         self._adapter = Path(adapter) if adapter is not None else None
+        # Shown in the model name instead of the adapter folder's name when set.
+        self._adapter_label: str | None = None
         self._device_setting = device
         self._dtype_setting = dtype
         self._max_batch_size = max_batch_size
@@ -168,6 +170,8 @@ class LocalGenerator(Generator):
         # Requests taken from the queue whose sampling parameters differed from their batch's.
         self._held: collections.deque[_Request] = collections.deque()
         self._worker: asyncio.Task[None] | None = None
+        # Held while a batch generates and while the adapter is switched, never both at once.
+        self._model_lock = asyncio.Lock()
         self.stats = BatcherStats()
 
     @classmethod
@@ -204,7 +208,16 @@ class LocalGenerator(Generator):
             base = Path(self._model_source).name
         if self._adapter is None:
             return base
-        return f"{base}+{self._adapter.name}"
+        return f"{base}+{self._adapter_label or self._adapter.name}"
+
+    @property
+    def adapter_label(self) -> str | None:
+        """The adapter's name in ``model_name``, such as its version; the folder name if None."""
+        return self._adapter_label
+
+    @adapter_label.setter
+    def adapter_label(self, label: str | None) -> None:
+        self._adapter_label = label
 
     @property
     def context_length(self) -> int:
@@ -247,6 +260,7 @@ class LocalGenerator(Generator):
 
             self._loop = asyncio.get_running_loop()
             self._queue = asyncio.Queue()
+            self._model_lock = asyncio.Lock()
             self._held.clear()
             self._worker = asyncio.create_task(self._run_batcher(), name="LocalGenerator:batcher")
             self._state = GeneratorState.RUNNING
@@ -426,6 +440,59 @@ class LocalGenerator(Generator):
                 end_ids.append(int(added_vocab[marker]))
         return sorted(set(end_ids))
 
+    # adapter switching
+
+    async def switch_adapter(self, adapter: str | Path, *, label: str | None = None) -> None:
+        """Serve replies with another LoRA adapter from the next batch on, without a restart.
+
+        The batch that is generating finishes with the adapter it started with; queued requests
+        wait for the switch and are then served with the new one. If the new adapter cannot be
+        loaded, GeneratorUnavailable is raised and the old one keeps serving.
+        """
+        loaded = self._require_loaded()
+        path = Path(adapter)
+        if not (path / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"Adapter {str(path)!r} not found: a peft adapter folder contains "
+                "adapter_config.json."
+            )
+        async with self._model_lock:
+            started = time.perf_counter()
+            loaded.model = await asyncio.to_thread(self._swap_adapter, loaded.model, path)
+            previous = self.model_name
+            self._adapter = path
+            self._adapter_label = label
+        logger.info(
+            "Local model %r now serves as %r (switched in %.2f s)",
+            previous,
+            self.model_name,
+            time.perf_counter() - started,
+        )
+
+    def _swap_adapter(self, model: Any, path: Path) -> Any:
+        from peft import PeftModel
+
+        name = f"adapter-{time.monotonic_ns()}"
+        try:
+            if not isinstance(model, PeftModel):
+                swapped = PeftModel.from_pretrained(model, path, adapter_name=name)
+                swapped.eval()
+                return swapped
+            old = model.active_adapter
+            model.load_adapter(path, adapter_name=name, is_trainable=False)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            if isinstance(model, PeftModel) and name in model.peft_config:
+                model.delete_adapter(name)
+            raise GeneratorUnavailable(
+                f"Failed to load the adapter {str(path)!r} onto model {self._model_source!r}; "
+                f"the current adapter keeps serving: {exc}",
+                original=exc,
+            ) from exc
+        model.set_adapter(name)
+        model.delete_adapter(old)
+        model.eval()
+        return model
+
     # generation
 
     async def generate(
@@ -504,7 +571,8 @@ class LocalGenerator(Generator):
                 continue
             batch = running
             try:
-                await self._run_batch(batch)
+                async with self._model_lock:
+                    await self._run_batch(batch)
             except Exception as exc:
                 # A bug here must not end the worker, because every later request would wait.
                 logger.exception("Local model %r: unexpected error in the batcher", self.model_name)

@@ -327,3 +327,42 @@ class RubricScore(Base):
     raw: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AdapterStatus(enum.StrEnum):
+    CANDIDATE = "candidate"
+    PROMOTED = "promoted"
+    REJECTED = "rejected"
+    # Promoted once, replaced by a later promotion.
+    RETIRED = "retired"
+
+
+class AdapterVersion(Base):
+    """One trained LoRA adapter with what it was trained on and how it scored."""
+
+    __tablename__ = "adapter_versions"
+    __table_args__ = (
+        # At most one promoted version, enforced by the database.
+        Index(
+            "uq_adapter_versions_promoted",
+            "status",
+            unique=True,
+            sqlite_where=text("status = 'promoted'"),
+            postgresql_where=text("status = 'promoted'"),
+        ),
+    )
+
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    base_model: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=AdapterStatus.CANDIDATE)
+    # The dataset manifest and file hashes, the recipe as written, the training figures.
+    data_manifest: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    recipe: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Rubric means per criterion on the held-out dialogues, with counts and judge.
+    scores: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The promotion rule's verdict and figures, when a retraining run decided.
+    decision: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
