@@ -176,6 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--base", help="base model folder or 'embedded' (default: the one the adapter names)"
     )
 
+    commands.add_parser(
+        "retrain",
+        help="train a candidate adapter, score it against the promoted one and promote it "
+        "only if no worse (see the retrain settings)",
+    )
+    adapters = commands.add_parser("adapters", help="trained adapter versions")
+    adapter_commands = adapters.add_subparsers(
+        dest="adapters_command", required=True, metavar="ACTION"
+    )
+    adapter_commands.add_parser("list", help="list every version with its status and scores")
+    promote = adapter_commands.add_parser(
+        "promote", help="serve VERSION from now on (for example to roll back)"
+    )
+    promote.add_argument("version")
+
     report = commands.add_parser(
         "report", help="write the rubric report (HTML page and PNG plots) from stored scores"
     )
@@ -234,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_report(args, settings))
         if args.command == "dataset":
             return _dataset_build(args)
+        if args.command == "retrain":
+            return asyncio.run(_retrain(settings))
+        if args.command == "adapters":
+            return asyncio.run(_adapters(args, settings))
         if args.command == "train":
             return _train(args)
         if args.command == "merge":
@@ -536,6 +555,62 @@ def _train(args: argparse.Namespace) -> int:
         print(f"mindharbor: {exc}", file=sys.stderr)
         return 1
     print_summary(result)
+    return 0
+
+
+async def _retrain(settings: Settings) -> int:
+    from core.storage import db
+    from training.retrain import RetrainError, format_decision, retrain
+
+    await db.upgrade_async(settings.database.url)
+    engine = db.create_engine(settings.database)
+    try:
+        result = await retrain(settings, load_secrets(), db.create_session_factory(engine))
+    except RetrainError as exc:
+        print(f"mindharbor: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await engine.dispose()
+    metrics = result.metrics
+    print(
+        f"Trained {result.version}: {metrics['steps']} steps, validation loss "
+        f"{metrics['eval_loss_before']} -> {metrics['eval_loss_after']}"
+    )
+    print(format_decision(result.decision))
+    print(f"Details: {result.work_dir / 'decision.json'}")
+    return 0
+
+
+async def _adapters(args: argparse.Namespace, settings: Settings) -> int:
+    from core import adapter_versions
+    from core.storage import db
+
+    await db.upgrade_async(settings.database.url)
+    engine = db.create_engine(settings.database)
+    sessions = db.create_session_factory(engine)
+    try:
+        if args.adapters_command == "promote":
+            try:
+                await adapter_versions.promote(sessions, args.version)
+            except LookupError as exc:
+                print(f"mindharbor: {exc}", file=sys.stderr)
+                return 2
+            print(f"Promoted {args.version}; generators that follow the promoted version switch")
+            return 0
+        versions = await adapter_versions.list_versions(sessions)
+    finally:
+        await engine.dispose()
+    if not versions:
+        print("No adapter versions yet; `mindharbor retrain` trains one")
+    for row in versions:
+        means = (row.scores or {}).get("means") or {}
+        shown = " ".join(
+            f"{name}={value:.2f}" for name, value in means.items() if value is not None
+        )
+        print(
+            f"{row.version}  {row.status:9}  {row.created_at:%Y-%m-%d %H:%M}  "
+            f"{shown or 'not scored'}  {row.path}"
+        )
     return 0
 
 

@@ -166,10 +166,38 @@ class SchedulerSettings(_Section):
     # Scores a sample of recent conversations and rebuilds the rubric report.
     score_cron: str = "0 5 * * 1"
     score_sample: int = Field(50, ge=1)
+    # Trains, scores and maybe promotes a new adapter (see the retrain section); off by default
+    # because it trains for hours without a GPU.
+    retrain_cron: str = ""
     report_dir: str = "var/report"
     # A run missed by less than this many seconds (the scheduler was down) still runs, once.
     misfire_grace_s: int = Field(6 * 3600, ge=1)
     job_timeout_s: float = Field(3600.0, gt=0)
+    retrain_timeout_s: float = Field(24 * 3600.0, gt=0)
+
+
+class RetrainSettings(_Section):
+    # Paths relative to the project root.
+    recipe: str = "config/lora.yaml"
+    # One folder per candidate: dataset, training run, evaluation dialogues, decision.
+    work_dir: str = "var/retrain"
+    # JSONL files in the training format (public corpora) trained on with the exports.
+    public_data: list[str] = []
+    # Every export in privacy.export_dir, with its tombstones.
+    use_exports: bool = True
+    language_ratios: dict[str, float] | None = None
+    # Held-out dialogues whose user turns both adapters answer; null: the new test split.
+    eval_file: str | None = None
+    eval_dialogues: int = Field(20, ge=1)
+    eval_user_turns: int = Field(3, ge=1)
+    # generate: the judge writes JSON; likelihood: digit probabilities (local judges only).
+    judge_method: Literal["generate", "likelihood"] = "generate"
+    # A criterion's mean may fall by at most this much; safety may not fall at all.
+    tolerance: float = Field(0.1, ge=0.0)
+    # python: one process; accelerate: `accelerate launch` with accelerate_args.
+    launcher: Literal["python", "accelerate"] = "python"
+    accelerate_args: list[str] = []
+    max_steps: int | None = Field(None, ge=1)
 
 
 class SafetySettings(_Section):
@@ -269,6 +297,7 @@ class Settings(BaseSettings):
     safety: SafetySettings = SafetySettings()
     privacy: PrivacySettings = PrivacySettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    retrain: RetrainSettings = RetrainSettings()
     telegram: TelegramSettings = TelegramSettings()
     discord: DiscordSettings = DiscordSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -69,3 +69,16 @@ async def score_job(settings: Settings | None = None, secrets: Secrets | None = 
             await judge.stop()
         await build_report(sessions, resolve_path(settings.scheduler.report_dir))
     return summary.scored
+
+
+async def retrain_job(settings: Settings | None = None, secrets: Secrets | None = None) -> bool:
+    """Train, score and maybe promote a candidate adapter; return whether it was promoted."""
+    from training.report import build_report
+    from training.retrain import retrain
+
+    settings = settings or load_settings()
+    secrets = secrets or load_secrets()
+    async with _database(settings) as sessions:
+        result = await retrain(settings, secrets, sessions)
+        await build_report(sessions, resolve_path(settings.scheduler.report_dir))
+    return result.decision.promote

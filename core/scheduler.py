@@ -57,12 +57,19 @@ def _score() -> Awaitable[object]:
     return score_job()
 
 
+def _retrain() -> Awaitable[object]:
+    from core.jobs import retrain_job
+
+    return retrain_job()
+
+
 # Job names and what they run; each is also a CLI command (`mindharbor export`,
-# `purge`, and `score --database N` followed by `report`).
+# `purge`, `score --database N` followed by `report`, and `retrain`).
 JOBS: dict[str, Callable[[], Awaitable[object]]] = {
     "export": _export,
     "purge": _purge,
     "score": _score,
+    "retrain": _retrain,
 }
 
 
@@ -144,7 +151,11 @@ async def run_named_job(name: str) -> str:
             db.create_session_factory(engine),
             name,
             JOBS[name],
-            timeout_s=settings.scheduler.job_timeout_s,
+            timeout_s=(
+                settings.scheduler.retrain_timeout_s
+                if name == "retrain"
+                else settings.scheduler.job_timeout_s
+            ),
         )
     finally:
         await engine.dispose()
@@ -179,6 +190,7 @@ def _crons(settings: Settings) -> dict[str, str]:
         "export": options.export_cron,
         "purge": options.purge_cron,
         "score": options.score_cron,
+        "retrain": options.retrain_cron,
     }
 
 

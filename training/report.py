@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from core.storage.models import Role, RubricScore, Turn, as_utc, utcnow
+from core.storage.models import AdapterVersion, Role, RubricScore, Turn, as_utc, utcnow
 from training.rubric import CRITERIA, pair_agreement, spread_per_criterion
 
 LABELS = {
@@ -59,6 +59,11 @@ async def build_report(
     async with sessions() as session:
         rows = list((await session.execute(select(RubricScore))).scalars())
         replies = await _reply_stats(session, reply_days)
+        versions = list(
+            (
+                await session.execute(select(AdapterVersion).order_by(AdapterVersion.created_at))
+            ).scalars()
+        )
     pairs = [row for row in rows if row.source.startswith("pairs:")]
     rows = [row for row in rows if not row.source.startswith("pairs:")]
     scored = [row for row in rows if row.scores]
@@ -68,7 +73,7 @@ async def build_report(
     by_adapter = _plot_adapters(scored, out_dir / "adapters.png")
     _plot_trend(scored, out_dir / "trend.png")
 
-    page = _render(rows, scored, errors, by_adapter, replies, pair_agreement(pairs))
+    page = _render(rows, scored, errors, by_adapter, replies, pair_agreement(pairs), versions)
     path = out_dir / "index.html"
     path.write_text(page, encoding="utf-8")
     return path
@@ -179,6 +184,7 @@ def _render(
     by_adapter: dict[str, dict[str, tuple[float, float, int]]],
     replies: ReplyStats,
     agreement: dict[str, dict[str, tuple[int, int]]],
+    versions: list[AdapterVersion],
 ) -> str:
     escape = html.escape
     agreement_text = (
@@ -199,6 +205,7 @@ def _render(
         + f"<td>{values[CRITERIA[0]][2]}</td></tr>"
         for version, values in by_adapter.items()
     )
+    decision_rows = "".join(_decision_row(version) for version in versions)
     unsafe = sorted(
         (row for row in scored if row.scores["safety"] < 3), key=lambda row: row.scores["safety"]
     )
@@ -241,6 +248,9 @@ left out of every figure below). Judges: {escape(", ".join(judges) or "-")}.</p>
 <h2>{SECTIONS[2]}</h2>
 <img src="adapters.png" alt="mean score per adapter version with 95 % confidence interval">
 <table><tr><th>adapter version</th>{header}<th>n</th></tr>{adapter_rows}</table>
+<h3>Retraining decisions</h3>
+<table><tr><th>version</th><th>status</th><th>trained</th><th>compared with</th>
+<th>candidate means</th><th>current means</th><th>reasons</th></tr>{decision_rows}</table>
 <h2>{SECTIONS[3]}</h2>
 <img src="trend.png" alt="mean score per week">
 <h2>{SECTIONS[4]}</h2>
@@ -261,6 +271,27 @@ length limit and {repetition_rate:.1%} were cut because they repeated themselves
 
 def _mark_empty(figure: plt.Figure) -> None:
     figure.text(0.5, 0.5, "no scores yet", ha="center", va="center", fontsize=14, color="#888")
+
+
+def _decision_row(version: AdapterVersion) -> str:
+    escape = html.escape
+    decision = version.decision or {}
+
+    def means(values: dict[str, float | None]) -> str:
+        return ", ".join(
+            f"{LABELS[name]} {values[name]:.2f}"
+            for name in CRITERIA
+            if values.get(name) is not None
+        )
+
+    return (
+        f"<tr><td>{escape(version.version)}</td><td>{escape(version.status)}</td>"
+        f"<td>{version.created_at:%Y-%m-%d %H:%M}</td>"
+        f"<td>{escape(decision.get('current_version') or ('base model' if decision else '-'))}</td>"
+        f"<td>{escape(means(decision.get('candidate') or {}))}</td>"
+        f"<td>{escape(means(decision.get('current') or {}))}</td>"
+        f"<td>{escape('; '.join(decision.get('reasons') or []))}</td></tr>"
+    )
 
 
 def _first_user_turn(row: RubricScore) -> str:

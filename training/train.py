@@ -240,11 +240,11 @@ def train(
         )
     train_set = TokenisedDialogues(train_path, tokenizer, recipe.max_length)
     val_path = recipe.path(recipe.val_file)
-    val_set = (
-        TokenisedDialogues(val_path, tokenizer, recipe.max_length)
-        if val_path is not None and val_path.is_file()
-        else None
-    )
+    val_set = None
+    if val_path is not None and val_path.is_file() and val_path.stat().st_size:
+        val_set = TokenisedDialogues(val_path, tokenizer, recipe.max_length)
+    else:
+        logger.warning("No validation dialogues in %s: no evaluation loss is computed", val_path)
     logger.info(
         "Training on %d samples from %d dialogues (%d validation samples), max %d tokens",
         len(train_set),

@@ -48,6 +48,7 @@ def build_tiny_chat_model(
     seed: int = 0,
     vocab_size: int = 512,
     with_pad_token: bool = True,
+    max_position_embeddings: int = 512,
 ) -> Path:
     """Build the tiny model and tokenizer in ``folder`` (save_pretrained both) and return it.
 
@@ -59,7 +60,7 @@ def build_tiny_chat_model(
     folder.mkdir(parents=True, exist_ok=True)
 
     tokenizer = build_tiny_tokenizer(vocab_size=vocab_size, with_pad_token=with_pad_token)
-    model = build_tiny_model(tokenizer, seed=seed)
+    model = build_tiny_model(tokenizer, seed=seed, max_position_embeddings=max_position_embeddings)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -92,7 +93,9 @@ def build_tiny_tokenizer(
     return tokenizer
 
 
-def build_tiny_model(tokenizer: PreTrainedTokenizerFast, *, seed: int = 0) -> LlamaForCausalLM:
+def build_tiny_model(
+    tokenizer: PreTrainedTokenizerFast, *, seed: int = 0, max_position_embeddings: int = 512
+) -> LlamaForCausalLM:
     """Create a 2-layer Llama model with random weights drawn from ``seed``."""
     eos_id = tokenizer.convert_tokens_to_ids(IM_END)
     config = LlamaConfig(
@@ -102,7 +105,7 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, *, seed: int = 0) -> Ll
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         # Larger than the usual 0.02, so random logits differ clearly and greedy replies vary.
         initializer_range=0.2,
         bos_token_id=None,

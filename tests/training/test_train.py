@@ -33,7 +33,8 @@ def write_dialogues(path: Path, count: int) -> None:
             for turn in range(2):
                 user, assistant = EXCHANGES[(index + turn) % len(EXCHANGES)]
                 conversations += [
-                    {"role": "user", "content": user},
+                    # The day number keeps every dialogue distinct from the others.
+                    {"role": "user", "content": f"{user} (day {index})"},
                     {"role": "assistant", "content": assistant},
                 ]
             file.write(json.dumps({"conversations": conversations}, ensure_ascii=False) + "\n")
