@@ -554,7 +554,8 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingError as exc:
         print(f"mindharbor: {exc}", file=sys.stderr)
         return 1
-    print_summary(result)
+    if result.is_main_process:
+        print_summary(result)
     return 0
 
 

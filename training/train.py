@@ -74,6 +74,10 @@ class TrainResult:
     peak_memory_mb: float
     device: str
     precision: str
+    # Processes training together (more than one under `accelerate launch`); the figures above
+    # are this process's own.
+    processes: int = 1
+    is_main_process: bool = True
     log: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -279,6 +283,12 @@ def train(
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"The recipe's training_args are not accepted: {exc}") from exc
     output_dir = Path(arguments.output_dir)
+    logger.info(
+        "Process %d of %d on %s",
+        arguments.process_index + 1,
+        arguments.world_size,
+        arguments.device,
+    )
 
     log: list[dict[str, Any]] = []
 
@@ -326,9 +336,11 @@ def train(
         device=str(arguments.device),
         precision=str(dtype).removeprefix("torch.")
         + (" + " + ", ".join(precision_flags) + " autocast" if precision_flags else ""),
+        processes=arguments.world_size,
+        is_main_process=trainer.is_world_process_zero(),
         log=log,
     )
-    if trainer.is_world_process_zero():
+    if result.is_main_process:
         trainer.save_model(str(adapter_dir))
         tokenizer.save_pretrained(adapter_dir)
         metadata = {
@@ -441,7 +453,9 @@ def print_summary(result: TrainResult, out: Any = None) -> None:
     print(
         f"Trained {result.steps} steps on {result.train_samples} samples in "
         f"{result.train_seconds:.0f} s ({result.tokens_per_second:.0f} tokens/s, peak memory "
-        f"{result.peak_memory_mb:.0f} MiB, {result.device}, {result.precision})",
+        f"{result.peak_memory_mb:.0f} MiB, {result.device}, {result.precision}"
+        + (f", process 1 of {result.processes}" if result.processes > 1 else "")
+        + ")",
         file=out,
     )
     print(
