@@ -27,6 +27,7 @@ def copy_lines(source: Path, target: Path, count: int) -> None:
         target.write_text("".join(islice(lines, count)), encoding="utf-8")
 
 
+@pytest.mark.embedded
 def test_short_lora_run_on_the_embedded_model(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
