@@ -2,8 +2,9 @@
 
 A version is recorded as a candidate when training ends, with its data
 manifest, recipe and training figures. Promotion retires the version that
-served before, in the same transaction; the database's partial unique index
-keeps at most one promoted version even when two processes promote at once.
+served before, in the same transaction. A partial unique index in the
+database keeps at most one promoted version, even when two processes promote
+at once.
 The local generator follows the promoted version when
 ``generator.local.adapter`` is ``promoted`` (see ``follow_promoted``).
 """
@@ -107,7 +108,7 @@ async def promote(
             .where(AdapterVersion.version != version)
             .values(status=AdapterStatus.RETIRED)
         )
-        # The retirement above must reach the database before the unique index sees this row.
+        # Flush the retirement first, so the unique index never finds two promoted rows.
         await session.flush()
         row.status = AdapterStatus.PROMOTED
         row.promoted_at = utcnow()
@@ -156,4 +157,6 @@ async def follow_promoted(
             await switch(Path(row.path), row.version)
             current = row.version
         except Exception:
-            logger.exception("Could not switch to the promoted adapter; the current one serves on")
+            logger.exception(
+                "Failed to switch to the promoted adapter; the current one keeps serving"
+            )

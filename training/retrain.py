@@ -8,7 +8,7 @@ each step's output in ``retrain.work_dir/<version>/``:
 2. ``run/``: ``mindharbor train`` in a separate process (``accelerate launch``
    with ``retrain.launcher: accelerate``); the adapter is recorded as a
    candidate version.
-3. ``eval-candidate.jsonl`` and ``eval-current.jsonl``: both adapters answer
+3. ``eval-candidate.jsonl`` and ``eval-current.jsonl``: both adapters reply to
    the user turns of the same held-out dialogues (the promoted version, or the
    base model alone when none is promoted).
 4. Both sets are scored on the rubric by the judge, and the rule in
@@ -45,7 +45,7 @@ class RetrainError(RuntimeError):
 @dataclass(slots=True)
 class Decision:
     promote: bool
-    # Why the candidate was rejected; empty when it is promoted.
+    # Reasons for a rejection; empty when the candidate is promoted.
     reasons: list[str]
     candidate: dict[str, float | None]
     current: dict[str, float | None]
@@ -91,7 +91,7 @@ def collect_sources(settings: Settings) -> tuple[list[tuple[str, Path]], set[str
     tombstones: set[str] = set()
     if options.use_exports:
         export_dir = resolve_path(settings.privacy.export_dir)
-        # Each export holds the conversations with turns since the one before, so all are used.
+        # Each export contains the conversations with turns since the one before, so all are used.
         sources += [(path.stem, path) for path in sorted(export_dir.glob("export-*.jsonl"))]
         tombstone_file = export_dir / "tombstones.txt"
         if tombstone_file.is_file():
@@ -130,7 +130,7 @@ def train_command(settings: Settings, data_dir: Path, run_dir: Path) -> list[str
 
 
 async def run_training(command: list[str], log_path: Path) -> None:
-    """Run the training command, its output in ``log_path``; a cancelled run kills it."""
+    """Run the training command with its output in ``log_path``, killing it if cancelled."""
     logger.info("Training the candidate: %s (output in %s)", " ".join(command), log_path)
     with log_path.open("w", encoding="utf-8") as log:
         process = await asyncio.create_subprocess_exec(
@@ -286,7 +286,7 @@ async def _answer_eval_dialogues(
             limit=settings.retrain.eval_dialogues,
             max_user_turns=settings.retrain.eval_user_turns,
         )
-    logger.info("Adapter %s answered %d held-out dialogues", label, written)
+    logger.info("Adapter %s replied to %d held-out dialogues", label, written)
 
 
 async def _score(

@@ -220,7 +220,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def train(
     recipe: Recipe, *, resume: str | bool | None = None, progress: bool = True
 ) -> TrainResult:
-    """Train a LoRA adapter as the recipe says and return what happened.
+    """Train a LoRA adapter from ``recipe`` and return the run's figures.
 
     ``resume`` is a checkpoint folder, or True for the newest checkpoint in the output folder.
     """
@@ -274,9 +274,9 @@ def train(
         args_values.setdefault("eval_strategy", "steps")
         args_values.setdefault("eval_steps", args_values.get("save_steps", 100))
     if args_values.get("activation_checkpointing"):
-        # Non-reentrant checkpointing works with frozen embeddings, as LoRA has them.
+        # Non-reentrant checkpointing works with frozen embeddings, which LoRA training has.
         args_values.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
-    # A nan hidden by the Trainer's filter would train on silently; the guard below stops instead.
+    # The Trainer's filter would hide a nan loss and train on, so it is off and the guard stops.
     args_values["logging_nan_inf_filter"] = False
     try:
         arguments = TrainingArguments(**args_values)
@@ -386,7 +386,8 @@ class _GuardedTrainer(Trainer):
 def verify_adapter(
     adapter_dir: Path, base_path: Path, lora_modules: list[str], *, sample: dict[str, Any]
 ) -> None:
-    """Check the saved adapter: LoRA A and B weights for every adapted module, and an effect.
+    """Check that the saved adapter has LoRA A and B weights for every adapted module and
+    changes the model's output.
 
     Raises TrainingError naming what is missing.
     """
@@ -408,7 +409,7 @@ def verify_adapter(
                 missing.append(f"{short}.{part}")
     if not lora_modules or missing:
         raise TrainingError(
-            f"The adapter {str(adapter_dir)!r} lacks LoRA weights for "
+            f"The adapter {str(adapter_dir)!r} is missing LoRA weights for "
             f"{', '.join(missing[:5]) or 'every target module'}"
             f"{' and more' if len(missing) > 5 else ''}."
         )
