@@ -191,6 +191,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     promote.add_argument("version")
 
+    convert = commands.add_parser(
+        "convert", help="convert ChatGLM3 checkpoints and adapters to transformers' native GLM"
+    )
+    convert_commands = convert.add_subparsers(
+        dest="convert_command", required=True, metavar="ACTION"
+    )
+    checkpoint = convert_commands.add_parser(
+        "chatglm3", help="a ChatGLM3 model folder (with tokenizer.model) to a GlmForCausalLM folder"
+    )
+    checkpoint.add_argument("src", type=Path, help="the ChatGLM3 folder")
+    checkpoint.add_argument("dst", type=Path, help="the folder to write (must not exist)")
+    adapter = convert_commands.add_parser(
+        "chatglm3-adapter", help="a LoRA adapter trained on ChatGLM3 to one for its conversion"
+    )
+    adapter.add_argument("src", type=Path, help="the adapter folder")
+    adapter.add_argument("dst", type=Path, help="the folder to write (must not exist)")
+    adapter.add_argument(
+        "--base",
+        type=Path,
+        required=True,
+        help="the converted model folder (from convert chatglm3)",
+    )
+
     report = commands.add_parser(
         "report", help="write the rubric report (HTML page and PNG plots) from stored scores"
     )
@@ -253,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_retrain(settings))
         if args.command == "adapters":
             return asyncio.run(_adapters(args, settings))
+        if args.command == "convert":
+            return _convert(args)
         if args.command == "train":
             return _train(args)
         if args.command == "merge":
@@ -612,6 +637,29 @@ async def _adapters(args: argparse.Namespace, settings: Settings) -> int:
             f"{row.version}  {row.status:9}  {row.created_at:%Y-%m-%d %H:%M}  "
             f"{shown or 'not scored'}  {row.path}"
         )
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from training.chatglm3 import ConversionError, convert_adapter, convert_checkpoint
+    from training.chatglm3_tokenizer import TokenizerConversionError, convert_tokenizer
+
+    try:
+        if args.convert_command == "chatglm3":
+            if not (args.src / "tokenizer.model").is_file():
+                print(
+                    f"mindharbor: {str(args.src)!r} has no tokenizer.model; the converted "
+                    "folder would have no tokenizer",
+                    file=sys.stderr,
+                )
+                return 2
+            convert_checkpoint(args.src, args.dst, tokenizer=convert_tokenizer)
+        else:
+            convert_adapter(args.src, args.dst, base=args.base)
+    except (ConversionError, TokenizerConversionError) as exc:
+        print(f"mindharbor: {exc}", file=sys.stderr)
+        return 2
+    print(f"Converted {args.src} to {args.dst}")
     return 0
 
 

@@ -29,12 +29,14 @@ x[0::2] with x[1::2], it repeats each frequency twice with ``repeat_interleave``
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import pickle
 import re
 import shutil
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -995,3 +997,88 @@ def _staging_folder(dst: Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+# conversion on first use
+
+# Two generators or trainers started in one process convert a folder only once.
+_first_use_lock = threading.Lock()
+# Module names that only ChatGLM3's original layout has.
+_ORIGINAL_ADAPTER_TARGETS = frozenset({"query_key_value", "dense_h_to_4h", "dense_4h_to_h"})
+
+
+def _fingerprint(folder: Path, names: Iterator[str] | list[str]) -> str:
+    """Return a short hash of a folder's config and the sizes and times of its files."""
+    digest = hashlib.sha256(str(folder.resolve()).encode())
+    for name in sorted(names):
+        path = folder / name
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:12]
+
+
+def _tokenizer_writer(src: Path) -> Callable[[Path, Path], None] | None:
+    if not (src / "tokenizer.model").is_file():
+        return None
+    from training.chatglm3_tokenizer import convert_tokenizer
+
+    def write(source: Path, target: Path) -> None:
+        convert_tokenizer(source, target)
+
+    return write
+
+
+def ensure_native_checkpoint(src: Path, models_dir: Path) -> Path:
+    """Return a native conversion of the ChatGLM3 folder ``src``, converting it on first use.
+
+    The conversion is kept under ``models_dir`` and reused while the source files are unchanged.
+    """
+    names = [path.name for path in src.iterdir() if path.is_file()]
+    target = models_dir / f"{src.name}-glm-{_fingerprint(src, names)}"
+    with _first_use_lock:
+        if (target / "config.json").is_file():
+            return target
+        logger.info("Converting the ChatGLM3 checkpoint %s once into %s", src, target)
+        models_dir.mkdir(parents=True, exist_ok=True)
+        convert_checkpoint(src, target, tokenizer=_tokenizer_writer(src))
+    return target
+
+
+def is_chatglm3_adapter(path: Path) -> bool:
+    """Return whether the peft adapter in ``path`` targets ChatGLM3's original module names."""
+    try:
+        config = json.loads((path / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    return bool(_ORIGINAL_ADAPTER_TARGETS.intersection(targets))
+
+
+def ensure_native_adapter(src: Path, base: Path, models_dir: Path) -> Path:
+    """Return a conversion of the ChatGLM3 adapter ``src`` for the converted ``base``."""
+    names = [ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, ADAPTER_BIN_FILE]
+    target = models_dir / "adapters" / f"{src.name}-glm-{_fingerprint(src, names)}-{base.name}"
+    with _first_use_lock:
+        if (target / ADAPTER_CONFIG_FILE).is_file():
+            return target
+        logger.info("Converting the ChatGLM3 adapter %s once into %s", src, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        convert_adapter(src, target, base=base)
+    return target
+
+
+def native_target_modules(targets: list[str]) -> list[str]:
+    """Return the native GLM module names for LoRA targets named in ChatGLM3's layout.
+
+    Names that are already native pass through, so a recipe written for the ChatGLM3 demo
+    (``target_modules: query_key_value``) trains the converted model.
+    """
+    native: list[str] = []
+    for name in targets:
+        for replacement in _ADAPTER_TARGETS.get(name, (name,)):
+            if replacement not in native:
+                native.append(replacement)
+    return native

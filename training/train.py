@@ -161,6 +161,10 @@ def resolve_base_model(model: str) -> Path:
             f"Base model {model!r} not found: the recipe's `model` must be 'embedded' or a "
             "Hugging Face model folder with config.json."
         )
+    from training.chatglm3 import ensure_native_checkpoint, is_chatglm3_folder
+
+    if is_chatglm3_folder(path):
+        return ensure_native_checkpoint(path, resolve_path("var/models"))
     return path
 
 
@@ -260,7 +264,12 @@ def train(
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, local_files_only=True)
     if getattr(model.config, "quantization_config", None) is not None:
         logger.info("The base model is quantised; the adapter trains on top of it (QLoRA)")
-    model = get_peft_model(model, LoraConfig(**recipe.peft_config))
+    peft_config = dict(recipe.peft_config)
+    if recipe.target_modules and getattr(model.config, "model_type", None) == "glm":
+        from training.chatglm3 import native_target_modules
+
+        peft_config["target_modules"] = native_target_modules(recipe.target_modules)
+    model = get_peft_model(model, LoraConfig(**peft_config))
     lora_modules = sorted(
         name for name, module in model.named_modules() if hasattr(module, "lora_A")
     )

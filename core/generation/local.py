@@ -12,6 +12,7 @@ import asyncio
 import collections
 import copy
 import enum
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -152,6 +153,8 @@ class LocalGenerator(Generator):
 
         self._model_source = str(model)
         self._adapter = Path(adapter) if adapter is not None else None
+        # The native conversion of a ChatGLM3 model folder, once converted.
+        self._native_base: Path | None = None
         # Shown in the model name instead of the adapter folder's name when set.
         self._adapter_label: str | None = None
         self._device_setting = device
@@ -398,6 +401,13 @@ class LocalGenerator(Generator):
         if path.is_file() and path.suffix.lower() == ".gguf":
             return path.parent, {"gguf_file": path.name}
         if path.is_dir() and (path / "config.json").is_file():
+            if _model_type(path) == "chatglm":
+                # NOTE: the converter lives in training/, so this core module imports upward here.
+                from training.chatglm3 import ensure_native_checkpoint
+
+                native = ensure_native_checkpoint(path, self._models_dir)
+                self._native_base = native
+                return native, {}
             return path, {}
         raise ConfigError(
             f"Model {self._model_source!r} not found: set `generator.local.model` to "
@@ -413,8 +423,14 @@ class LocalGenerator(Generator):
                 f"Adapter {str(self._adapter)!r} not found: `generator.local.adapter` must be a "
                 "peft adapter folder containing adapter_config.json."
             )
+        adapter = self._adapter
+        if self._native_base is not None:
+            from training.chatglm3 import ensure_native_adapter, is_chatglm3_adapter
+
+            if is_chatglm3_adapter(adapter):
+                adapter = ensure_native_adapter(adapter, self._native_base, self._models_dir)
         try:
-            return PeftModel.from_pretrained(model, self._adapter, is_trainable=False)
+            return PeftModel.from_pretrained(model, adapter, is_trainable=False)
         except (OSError, ValueError, RuntimeError) as exc:
             raise GeneratorUnavailable(
                 f"Failed to load the adapter {str(self._adapter)!r} onto model "
@@ -821,6 +837,14 @@ class LocalGenerator(Generator):
         return _RowOutput(
             text=cleaned.text, finish_reason=reason, completion_tokens=completion_tokens
         )
+
+
+def _model_type(folder: Path) -> str | None:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
 
 
 class _AbandonedRows(StoppingCriteria):
