@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python bench/safety/screening.py
 	$(BIN)/python bench/export/scrubbing.py
 	$(BIN)/python bench/export/export_speed.py --turns 1000000
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/training/throughput.py --threads 1 --steps 5
 
 lint: install
 	$(BIN)/ruff check .
