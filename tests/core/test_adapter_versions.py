@@ -59,9 +59,7 @@ async def reply_texts(generator: LocalGenerator) -> list[str]:
     return [result.text for result in results]
 
 
-async def test_promotion_keeps_exactly_one_version_promoted(
-    database_url: str, tmp_path: Path
-) -> None:
+async def test_one_version_promoted(database_url: str, tmp_path: Path) -> None:
     engine = db.create_engine(DatabaseSettings(url=database_url))
     sessions = db.create_session_factory(engine)
     try:
@@ -102,7 +100,7 @@ async def test_promotion_keeps_exactly_one_version_promoted(
         await engine.dispose()
 
 
-async def test_switch_during_concurrent_requests_drops_none(
+async def test_switch_during_concurrent_requests(
     tiny_model: Path, adapters: tuple[Path, Path]
 ) -> None:
     first, second = adapters
@@ -133,7 +131,7 @@ async def test_switch_during_concurrent_requests_drops_none(
     assert generator.stats.failed_batches == 0
 
 
-async def test_switch_to_a_broken_adapter_keeps_the_old_one(
+async def test_broken_adapter_keeps_old_one(
     tiny_model: Path, adapters: tuple[Path, Path], tmp_path: Path
 ) -> None:
     first, _ = adapters
@@ -151,7 +149,7 @@ async def test_switch_to_a_broken_adapter_keeps_the_old_one(
     assert generator.model_name == "model+v1"
 
 
-async def test_service_follows_the_promoted_version(
+async def test_service_follows_promoted_version(
     tiny_model: Path, adapters: tuple[Path, Path], tmp_path: Path
 ) -> None:
     first, second = adapters

@@ -15,7 +15,7 @@ from tests.helpers.tiny_model import build_tiny_chat_model
 from tests.training.test_train import write_dialogues
 
 
-def test_train_runs_data_parallel_under_accelerate_launch(tmp_path: Path) -> None:
+def test_train_under_accelerate_launch(tmp_path: Path) -> None:
     model = build_tiny_chat_model(tmp_path / "model")
     data = tmp_path / "data"
     data.mkdir()

@@ -43,7 +43,7 @@ def original(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict
     return folder, adapter, {"state": state, "lora": lora}
 
 
-async def test_local_generator_converts_a_chatglm3_folder_once(
+async def test_generator_converts_chatglm3_once(
     original: tuple[Path, Path, dict], tmp_path: Path
 ) -> None:
     folder, adapter, weights = original
@@ -77,7 +77,7 @@ async def test_local_generator_converts_a_chatglm3_folder_once(
     assert (models_dir / converted[0] / "config.json").stat().st_mtime_ns == stamp
 
 
-def test_trainer_accepts_a_chatglm3_folder_and_its_module_names(
+def test_trainer_accepts_chatglm3_folder(
     original: tuple[Path, Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from training.recipe import load_recipe
@@ -119,7 +119,7 @@ def _lora_modules(adapter_dir: Path) -> list[str]:
     return json.loads((adapter_dir / "mindharbor.json").read_text())["lora_modules"]
 
 
-def test_convert_commands_write_native_folders(
+def test_convert_commands_write_folders(
     original: tuple[Path, Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder, adapter, _ = original
@@ -144,7 +144,7 @@ def test_convert_commands_write_native_folders(
     assert "Converted" in capsys.readouterr().out
 
 
-def test_convert_command_needs_the_tokenizer(
+def test_convert_command_needs_tokenizer(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder = save_chatglm3_checkpoint(

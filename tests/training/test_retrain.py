@@ -43,7 +43,7 @@ def test_promotion_rule(candidate: dict, promote: bool, reason: str | None) -> N
         assert any(reason in text for text in decision.reasons)
 
 
-def test_current_adapter_without_scores_blocks_promotion() -> None:
+def test_unscored_current_blocks_promotion() -> None:
     decision = decide(SAME, dict.fromkeys(CRITERIA), tolerance=0.1)
 
     assert not decision.promote
@@ -112,7 +112,7 @@ def stub_scores(monkeypatch: pytest.MonkeyPatch, means: dict[str, dict[str, floa
     monkeypatch.setattr(retrain_module, "_score", fake_score)
 
 
-async def test_retrain_promotes_then_rejects_a_worse_candidate(
+async def test_retrain_promotes_then_rejects(
     tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = retrain_settings(tmp_path, tiny_model)
@@ -150,7 +150,7 @@ async def test_retrain_promotes_then_rejects_a_worse_candidate(
     assert json.loads((work / "decision.json").read_text())["promote"] is False
 
 
-def test_retrain_command_shows_the_figures(
+def test_retrain_command_shows_figures(
     tmp_path: Path,
     tiny_model: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -172,7 +172,7 @@ def test_retrain_command_shows_the_figures(
     assert ("promoted" in out) or ("rejected because" in out)
 
 
-def test_retrain_without_data_names_the_settings(tmp_path: Path, tiny_model: Path) -> None:
+def test_retrain_without_data(tmp_path: Path, tiny_model: Path) -> None:
     settings = retrain_settings(tmp_path, tiny_model, public_data=[])
 
     with pytest.raises(retrain_module.RetrainError, match=r"retrain\.public_data is empty"):

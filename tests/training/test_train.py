@@ -97,9 +97,7 @@ def write_recipe(folder: Path, model: Path, data: Path, **overrides: object) -> 
     return path
 
 
-def test_short_run_lowers_the_validation_loss_and_writes_a_checked_adapter(
-    tmp_path: Path, tiny_model: Path, dataset: Path
-) -> None:
+def test_short_run_lowers_validation_loss(tmp_path: Path, tiny_model: Path, dataset: Path) -> None:
     recipe = load_recipe(write_recipe(tmp_path, tiny_model, dataset))
 
     result = train(recipe, progress=False)
@@ -125,9 +123,7 @@ def test_short_run_lowers_the_validation_loss_and_writes_a_checked_adapter(
     assert summary["eval_loss_after"] == pytest.approx(result.eval_loss_after)
 
 
-def test_resume_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(
-    tmp_path: Path, tiny_model: Path, dataset: Path
-) -> None:
+def test_resume_matches_uninterrupted_run(tmp_path: Path, tiny_model: Path, dataset: Path) -> None:
     whole = load_recipe(write_recipe(tmp_path / "whole", tiny_model, dataset))
     train(whole, progress=False)
 
@@ -148,9 +144,7 @@ def test_resume_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(
         torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=1e-5)
 
 
-def test_a_non_finite_loss_stops_the_run_without_an_adapter(
-    tmp_path: Path, tiny_model: Path, dataset: Path
-) -> None:
+def test_non_finite_loss_stops_run(tmp_path: Path, tiny_model: Path, dataset: Path) -> None:
     recipe = load_recipe(
         write_recipe(
             tmp_path,
@@ -165,9 +159,7 @@ def test_a_non_finite_loss_stops_the_run_without_an_adapter(
     assert not (tmp_path / "run" / "adapter").exists()
 
 
-def test_an_adapter_that_learned_nothing_is_refused(
-    tmp_path: Path, tiny_model: Path, dataset: Path
-) -> None:
+def test_unchanged_adapter_rejected(tmp_path: Path, tiny_model: Path, dataset: Path) -> None:
     recipe = load_recipe(
         write_recipe(tmp_path, tiny_model, dataset, training_args={"learning_rate": 0.0})
     )
@@ -176,9 +168,7 @@ def test_an_adapter_that_learned_nothing_is_refused(
         train(recipe, progress=False)
 
 
-def test_an_adapter_missing_a_module_is_refused(
-    tmp_path: Path, tiny_model: Path, dataset: Path
-) -> None:
+def test_adapter_missing_module_rejected(tmp_path: Path, tiny_model: Path, dataset: Path) -> None:
     train(load_recipe(write_recipe(tmp_path, tiny_model, dataset)), progress=False)
     adapter = tmp_path / "run" / "adapter"
     metadata = json.loads((adapter / "mindharbor.json").read_text())
@@ -193,7 +183,7 @@ def test_an_adapter_missing_a_module_is_refused(
         )
 
 
-def test_a_recipe_from_the_chatglm3_demo_loads(tmp_path: Path) -> None:
+def test_chatglm3_demo_recipe_loads(tmp_path: Path) -> None:
     # The demo's field names, including keys this trainer ignores or that transformers renamed.
     demo = {
         "data_config": {
@@ -240,16 +230,14 @@ def test_a_recipe_from_the_chatglm3_demo_loads(tmp_path: Path) -> None:
 @pytest.mark.skipif(
     torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA"
 )
-def test_half_precision_without_a_gpu_is_refused_with_a_clear_message(
-    tmp_path: Path, tiny_model: Path, dataset: Path
-) -> None:
+def test_half_precision_needs_gpu(tmp_path: Path, tiny_model: Path, dataset: Path) -> None:
     recipe = load_recipe(write_recipe(tmp_path, tiny_model, dataset, precision="bfloat16"))
 
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         train(recipe, progress=False)
 
 
-def test_the_train_command_prints_losses_and_the_adapter(
+def test_train_command_prints_summary(
     tmp_path: Path, tiny_model: Path, dataset: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     recipe = write_recipe(tmp_path, tiny_model, dataset)
@@ -263,7 +251,7 @@ def test_the_train_command_prints_losses_and_the_adapter(
     assert str(tmp_path / "run" / "adapter") in out
 
 
-def test_the_train_command_names_a_missing_dataset(
+def test_train_command_missing_dataset(
     tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     recipe = write_recipe(tmp_path, tiny_model, tmp_path / "nowhere")

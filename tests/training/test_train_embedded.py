@@ -28,7 +28,7 @@ def copy_lines(source: Path, target: Path, count: int) -> None:
 
 
 @pytest.mark.embedded
-def test_short_lora_run_on_the_embedded_model(tmp_path: Path) -> None:
+def test_short_run_on_embedded_model(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
     copy_lines(CORPUS, data / "train.jsonl", 24)
