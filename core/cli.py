@@ -433,7 +433,7 @@ async def _score(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _generate_eval(args: argparse.Namespace, settings: Settings) -> int:
     from core.generation import create_generator, sampling_from_settings
-    from core.prompt import PromptBuilder, load_system_prompts
+    from core.prompt import prompt_builder_for
     from training import rubric
 
     if not args.source.is_file():
@@ -443,14 +443,7 @@ async def _generate_eval(args: argparse.Namespace, settings: Settings) -> int:
     await generator.start()
     try:
         sampling = sampling_from_settings(settings.generator)
-        builder = PromptBuilder(
-            system_prompts=load_system_prompts(settings.prompt),
-            count_tokens=generator.count_prompt_tokens,
-            context_length=settings.prompt.context_length or generator.context_length,
-            max_new_tokens=sampling.max_new_tokens,
-            truncation_marker=settings.prompt.truncation_marker,
-            default_locale=settings.chat.default_locale,
-        )
+        builder = prompt_builder_for(settings, generator, sampling.max_new_tokens)
         local = settings.generator.local
         adapter = local.adapter if settings.generator.backend == "local" else None
         version = f"{generator.model_name}+{adapter}" if adapter else generator.model_name

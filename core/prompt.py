@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from core.config import PromptSettings, resolve_path
+from core.config import PromptSettings, Settings, resolve_path
 from core.errors import ConfigError
-from core.generation.base import ChatMessage
+from core.generation.base import ChatMessage, Generator
 
 TokenCounter = Callable[[Sequence[ChatMessage]], int]
 
@@ -163,3 +163,17 @@ class PromptBuilder:
             else:
                 high = keep - 1
         return best, best_tokens
+
+
+def prompt_builder_for(
+    settings: Settings, generator: Generator, max_new_tokens: int
+) -> PromptBuilder:
+    """Build the prompt builder that the settings describe for a started ``generator``."""
+    return PromptBuilder(
+        system_prompts=load_system_prompts(settings.prompt),
+        count_tokens=generator.count_prompt_tokens,
+        context_length=settings.prompt.context_length or generator.context_length,
+        max_new_tokens=max_new_tokens,
+        truncation_marker=settings.prompt.truncation_marker,
+        default_locale=settings.chat.default_locale,
+    )

@@ -248,7 +248,7 @@ async def _answer_eval_dialogues(
 ) -> None:
     from core.generation import sampling_from_settings
     from core.generation.local import LocalGenerator
-    from core.prompt import PromptBuilder, load_system_prompts
+    from core.prompt import prompt_builder_for
     from training.rubric import generate_eval_dialogues
     from training.train import resolve_base_model
 
@@ -268,14 +268,7 @@ async def _answer_eval_dialogues(
         # Both sides draw from the same seed, so sampling noise differs less between them.
         sampling = type(sampling)(**{**asdict(sampling), "seed": 0})
     async with generator:
-        builder = PromptBuilder(
-            system_prompts=load_system_prompts(settings.prompt),
-            count_tokens=generator.count_prompt_tokens,
-            context_length=settings.prompt.context_length or generator.context_length,
-            max_new_tokens=sampling.max_new_tokens,
-            truncation_marker=settings.prompt.truncation_marker,
-            default_locale=settings.chat.default_locale,
-        )
+        builder = prompt_builder_for(settings, generator, sampling.max_new_tokens)
         written = await generate_eval_dialogues(
             generator,
             builder,
