@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Concatenate, ParamSpec
 
 import discord
 import yarl
 from discord import app_commands
 
 from bots.rendering import MarkdownFlavor, split_message
-from bots.runner import AdapterState
+from bots.runner import AdapterState, InFlight
 from core import i18n
 from core.config import DiscordSettings
 from core.locks import KeyedLocks
@@ -94,6 +96,24 @@ def _described(key: str) -> app_commands.locale_str:
     return app_commands.locale_str(_DESCRIPTIONS[key][0], key=key)
 
 
+_Params = ParamSpec("_Params")
+
+
+def _tracked(
+    handler: Callable[Concatenate[DiscordAdapter, _Params], Awaitable[None]],
+) -> Callable[Concatenate[DiscordAdapter, _Params], Awaitable[None]]:
+    """Count a running event or command handler as in flight, so that shutdown waits for it."""
+
+    @functools.wraps(handler)
+    async def wrapper(
+        adapter: DiscordAdapter, *args: _Params.args, **kwargs: _Params.kwargs
+    ) -> None:
+        with adapter._in_flight.track():
+            await handler(adapter, *args, **kwargs)
+
+    return wrapper
+
+
 class DiscordAdapter:
     """Run one Discord bot against the conversation manager."""
 
@@ -105,10 +125,13 @@ class DiscordAdapter:
         self._settings = settings
         self._token = token
         self._order = KeyedLocks()
+        self._in_flight = InFlight()
         self._client: discord.Client | None = None
         self._tree: app_commands.CommandTree | None = None
         self._gateway: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        # True from on_ready or on_resumed until on_disconnect.
+        self._connected = False
         self.state = AdapterState.CREATED
 
     # Lifecycle
@@ -138,10 +161,14 @@ class DiscordAdapter:
         intents.guild_messages = True
         intents.dm_messages = True
         intents.message_content = True
+        shard: dict[str, int] = {}
+        if self._settings.shard_count is not None and self._settings.shard_id is not None:
+            shard = {"shard_id": self._settings.shard_id, "shard_count": self._settings.shard_count}
         client = discord.Client(
             intents=intents,
             allowed_mentions=discord.AllowedMentions.none(),
             guild_ready_timeout=self._settings.guild_ready_timeout_s,
+            **shard,
         )
         self._client = client
         self._tree = app_commands.CommandTree(client)
@@ -188,6 +215,27 @@ class DiscordAdapter:
             self._manager.safety.desk.register_link(self)
         _LOGGER.info("Discord adapter connected as %s", client.user)
 
+    async def stop_intake(self) -> None:
+        """Stop reading gateway events, so no new message or command arrives.
+
+        Handlers already running go on, and stop() closes the connection later.
+        Discord does not send the events of this pause again, so the messages
+        that users send until the next process connects get no reply.
+        """
+        if self.state is not AdapterState.RUNNING:
+            return
+        if self._gateway is not None and not self._gateway.done():
+            self._gateway.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gateway
+        # Handlers of the events read last are scheduled but may not have started.
+        await asyncio.sleep(0)
+        _LOGGER.info("Discord adapter stopped reading gateway events")
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for running handlers; cancel the rest and return how many."""
+        return await self._in_flight.finish(timeout_s)
+
     async def stop(self) -> None:
         if self.state is not AdapterState.RUNNING:
             return
@@ -199,6 +247,16 @@ class DiscordAdapter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._gateway
         _LOGGER.info("Discord adapter stopped")
+
+    def is_connected(self) -> bool:
+        """Return True while the gateway connection is up (read by the health check)."""
+        gateway = self._gateway
+        return (
+            self.state is AdapterState.RUNNING
+            and self._connected
+            and gateway is not None
+            and not gateway.done()
+        )
 
     async def sync_commands(self) -> list[str]:
         """Register the slash commands with Discord (globally or in the configured guilds)."""
@@ -229,7 +287,18 @@ class DiscordAdapter:
     def _register_events(self, client: discord.Client) -> None:
         @client.event
         async def on_ready() -> None:
+            self._connected = True
             self._ready.set()
+
+        # discord.py reconnects on its own: a resumed session is connected again, and
+        # a new one calls on_ready again.
+        @client.event
+        async def on_resumed() -> None:
+            self._connected = True
+
+        @client.event
+        async def on_disconnect() -> None:
+            self._connected = False
 
         @client.event
         async def on_message(message: discord.Message) -> None:
@@ -260,6 +329,7 @@ class DiscordAdapter:
             text = re.sub(rf"<@!?{me.id}>", " ", text)
         return " ".join(text.split(" ")).strip()
 
+    @_tracked
     async def _on_message(self, message: discord.Message) -> None:
         # The bot itself and every other bot are ignored, attachments or not.
         if message.author.bot or not self._is_addressed(message):
@@ -282,6 +352,7 @@ class DiscordAdapter:
             if reply.should_send:
                 await self._send(message.channel, reply.text)
 
+    @_tracked
     async def _on_message_edit(self, message: discord.Message) -> None:
         if message.author.bot or not self._is_addressed(message):
             return
@@ -408,6 +479,7 @@ class DiscordAdapter:
 
         return callback
 
+    @_tracked
     async def _on_simple_command(
         self, interaction: discord.Interaction, name: str, argument: str = ""
     ) -> None:
@@ -431,6 +503,7 @@ class DiscordAdapter:
             reply.text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none()
         )
 
+    @_tracked
     async def _on_talk(self, interaction: discord.Interaction, first_message: str | None) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         user = interaction.user
@@ -481,6 +554,7 @@ class DiscordAdapter:
         await thread.add_user(user)
         return thread
 
+    @_tracked
     async def _on_forget(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         incoming = self._incoming(interaction.user, "/forget", locale=interaction.locale)
@@ -498,6 +572,7 @@ class DiscordAdapter:
         is_moderator = any(role.id in allowed for role in roles)
         return Actor(PLATFORM, str(interaction.user.id), is_moderator)
 
+    @_tracked
     async def _on_case(
         self, interaction: discord.Interaction, action: str, case_id: int = 0, text: str = ""
     ) -> None:
@@ -520,6 +595,7 @@ class DiscordAdapter:
             answer = await desk.escalate_case(actor, case_id, text)
         await self._followup(interaction, answer)
 
+    @_tracked
     async def _on_escalate(
         self, interaction: discord.Interaction, user_id: int, excerpt: str | None
     ) -> None:

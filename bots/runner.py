@@ -1,4 +1,10 @@
-"""Start every platform adapter whose credentials are set, and run until a stop signal."""
+"""Start every platform adapter whose credentials are set, and run until a stop signal.
+
+Shutdown happens in three steps. The first SIGINT or SIGTERM makes every
+adapter stop taking new messages, then the replies already in flight get up to
+``shutdown_grace_s`` seconds to finish and be stored, then the adapters close.
+A second signal ends the process at once (see ``_exit_now``).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,19 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import signal
-from typing import Protocol
+import sys
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 from core.config import Secrets
 from core.service import Service
 
 _LOGGER = logging.getLogger(__name__)
+
+# How long handlers cancelled at the end of the grace period get to unwind.
+_UNWIND_TIMEOUT_S = 5.0
 
 
 class AdapterState(enum.Enum):
@@ -26,7 +38,64 @@ class AdapterState(enum.Enum):
 class Adapter(Protocol):
     async def start(self) -> None: ...
 
+    async def stop_intake(self) -> None:
+        """Stop receiving messages; handlers already running go on."""
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for running handlers; cancel the rest and return their count."""
+
     async def stop(self) -> None: ...
+
+
+class InFlight:
+    """The handler tasks that are handling messages, so that a shutdown can wait for them."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[object, asyncio.Task[Any]] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        """Count the current task as in flight until the block ends."""
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("InFlight.track() must be used inside an asyncio task.")
+        token = object()
+        self._tasks[token] = task
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            del self._tasks[token]
+            if not self._tasks:
+                self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no handler is in flight; False when ``timeout_s`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def cancel_all(self) -> list[asyncio.Task[Any]]:
+        """Cancel every handler in flight and return their tasks."""
+        tasks = list(set(self._tasks.values()))
+        for task in tasks:
+            task.cancel()
+        return tasks
+
+    async def finish(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for the handlers; cancel the rest and return how many."""
+        if await self.wait_idle(timeout_s):
+            return 0
+        cancelled = self.cancel_all()
+        await asyncio.wait(cancelled, timeout=_UNWIND_TIMEOUT_S)
+        return len(cancelled)
 
 
 def configured_adapters(service: Service, secrets: Secrets) -> list[Adapter]:
@@ -57,13 +126,37 @@ def configured_adapters(service: Service, secrets: Secrets) -> list[Adapter]:
     return adapters
 
 
-async def run_until_stopped(adapters: list[Adapter], stop: asyncio.Event | None = None) -> None:
-    """Start ``adapters``, wait for SIGINT, SIGTERM or ``stop``, then stop them in reverse order."""
+async def run_until_stopped(
+    adapters: list[Adapter], stop: asyncio.Event | None = None, *, grace_s: float = 30.0
+) -> None:
+    """Start ``adapters`` and run until SIGINT, SIGTERM or ``stop``, then shut down gracefully.
+
+    After the first signal (or ``stop``), the adapters stop taking messages and
+    the replies in flight get ``grace_s`` seconds to finish. A second signal
+    exits the process at once.
+
+    NOTE: with the local generator, a batch that already runs in its worker
+    thread cannot be cancelled, so the process exits only after that batch,
+    even when the grace ran out.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(signal_number: int) -> None:
+        name = signal.Signals(signal_number).name
+        if stop.is_set():
+            _exit_now(name, 128 + signal_number)
+        _LOGGER.info(
+            "Received %s: finishing the replies in flight (up to %g s); send it again to "
+            "exit at once",
+            name,
+            grace_s,
+        )
+        stop.set()
+
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal_number, stop.set)
+            loop.add_signal_handler(signal_number, on_signal, signal_number)
 
     started: list[Adapter] = []
     try:
@@ -72,6 +165,7 @@ async def run_until_stopped(adapters: list[Adapter], stop: asyncio.Event | None 
             started.append(adapter)
         _LOGGER.info("Running %d adapter(s); send SIGINT or SIGTERM to stop", len(started))
         await stop.wait()
+        await _drain(started, grace_s)
     finally:
         for adapter in reversed(started):
             try:
@@ -81,3 +175,54 @@ async def run_until_stopped(adapters: list[Adapter], stop: asyncio.Event | None 
         for signal_number in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(signal_number)
+
+
+async def _drain(adapters: list[Adapter], grace_s: float) -> None:
+    """Stop intake on every adapter first, then wait for all of their handlers at once."""
+    for adapter in adapters:
+        try:
+            await adapter.stop_intake()
+        except Exception:
+            _LOGGER.exception("Stopping the intake of adapter %r failed", type(adapter).__name__)
+    _LOGGER.info("Stopped taking new messages; waiting up to %g s for replies in flight", grace_s)
+
+    results = await asyncio.gather(
+        *(adapter.drain(grace_s) for adapter in adapters), return_exceptions=True
+    )
+    cancelled = 0
+    for adapter, result in zip(adapters, results, strict=True):
+        if isinstance(result, BaseException):
+            _LOGGER.error(
+                "Waiting for the replies of adapter %r failed",
+                type(adapter).__name__,
+                exc_info=result,
+            )
+        else:
+            cancelled += result
+    if cancelled:
+        # The manager commits each user turn before generating, so these turns
+        # stay stored; their users got no reply.
+        _LOGGER.warning(
+            "The shutdown grace of %g s ran out: cancelled %d replies in flight", grace_s, cancelled
+        )
+    else:
+        _LOGGER.info("Every reply in flight finished")
+
+
+def _exit_now(signal_name: str, exit_code: int) -> None:
+    """End the process at once, without waiting for handlers or closing connections.
+
+    The database stays consistent because every write is a transaction that is
+    committed or not at all. On SQLite in WAL mode, a transaction without its
+    commit record in the WAL file is ignored when the file is next opened, and
+    committed transactions are in the file or the WAL (synchronous=NORMAL only
+    risks them on power loss, not when a process dies). PostgreSQL rolls back
+    the open transactions of a connection that closes.
+    """
+    _LOGGER.warning("Received %s again: exiting now, without waiting for replies", signal_name)
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    os._exit(exit_code)

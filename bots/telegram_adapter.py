@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import inspect
 import logging
 import secrets
 import warnings
@@ -48,10 +49,11 @@ from telegram.ext import (
     TypeHandler,
     filters,
 )
+from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning
 
 from bots.rendering import MarkdownFlavor, split_message, to_markdown_v2
-from bots.runner import AdapterState
+from bots.runner import AdapterState, InFlight
 from core import i18n
 from core.config import TelegramSettings
 from core.locks import KeyedLocks
@@ -112,10 +114,20 @@ class PerUserUpdateProcessor(BaseUpdateProcessor):
     def __init__(self, max_concurrent_updates: int) -> None:
         super().__init__(max_concurrent_updates)
         self._locks = KeyedLocks()
+        self.in_flight = InFlight()
+        # Set when the shutdown grace ran out; later updates are dropped unhandled.
+        self.closed = False
 
     async def do_process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
-        async with self._locks.hold(_order_key(update)):
-            await coroutine
+        if self.closed:
+            if inspect.iscoroutine(coroutine):
+                coroutine.close()
+            update_id = update.update_id if isinstance(update, Update) else None
+            _LOGGER.warning("Dropped update %s: the shutdown grace ran out", update_id)
+            return
+        with self.in_flight.track():
+            async with self._locks.hold(_order_key(update)):
+                await coroutine
 
     async def initialize(self) -> None:
         """Nothing to set up."""
@@ -131,6 +143,24 @@ def _order_key(update: object) -> object:
         if update.effective_chat is not None:
             return ("chat", update.effective_chat.id)
     return ("other", id(update))
+
+
+class _PollingRequest(HTTPXRequest):
+    """The connection for getUpdates, which records whether the newest call failed."""
+
+    def __init__(self) -> None:
+        # One connection, as PTB 22's ApplicationBuilder uses for getUpdates by default.
+        super().__init__(connection_pool_size=1)
+        self.last_call_failed = False
+
+    async def post(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            result = await super().post(*args, **kwargs)
+        except Exception:
+            self.last_call_failed = True
+            raise
+        self.last_call_failed = False
+        return result
 
 
 class TelegramAdapter:
@@ -149,6 +179,8 @@ class TelegramAdapter:
         self._token = token
         self._webhook_secret = webhook_secret or secrets.token_urlsafe(32)
         self._application: Application | None = None
+        self._processor: PerUserUpdateProcessor | None = None
+        self._polling_request: _PollingRequest | None = None
         self._bot_username = ""
         self._bot_id = 0
         self.state = AdapterState.CREATED
@@ -174,15 +206,18 @@ class TelegramAdapter:
             return
         settings = self._settings
         base = settings.api_base_url.rstrip("/")
+        self._processor = PerUserUpdateProcessor(settings.max_concurrent_updates)
+        self._polling_request = _PollingRequest()
         application = (
             ApplicationBuilder()
             .token(self._token)
             .base_url(f"{base}/bot")
             .base_file_url(f"{base}/file/bot")
-            .concurrent_updates(PerUserUpdateProcessor(settings.max_concurrent_updates))
+            .concurrent_updates(self._processor)
             # PTB's default pool holds one connection, which would send every
             # reply of every user one after another.
             .connection_pool_size(settings.connection_pool_size)
+            .get_updates_request(self._polling_request)
             .build()
         )
         self._add_handlers(application)
@@ -211,6 +246,61 @@ class TelegramAdapter:
             "Telegram adapter started as @%s in %s mode", self._bot_username, settings.mode
         )
 
+    def is_connected(self) -> bool:
+        """Return True while updates can arrive (read by the health check).
+
+        Polling counts as connected unless the newest getUpdates call failed. A
+        webhook counts as connected while its server runs, because whether
+        Telegram reaches it cannot be seen from here.
+        """
+        application = self._application
+        if self.state is not AdapterState.RUNNING or application is None:
+            return False
+        updater = application.updater
+        if not application.running or updater is None or not updater.running:
+            return False
+        if self._settings.mode == "webhook":
+            return True
+        return self._polling_request is not None and not self._polling_request.last_call_failed
+
+    async def stop_intake(self) -> None:
+        """Stop polling, or close the webhook server; updates already received are still handled.
+
+        When polling, PTB confirms the fetched updates to Telegram with one last
+        getUpdates call, and Telegram keeps the rest for the next process. In
+        webhook mode Telegram retries the updates that this server no longer
+        accepts.
+        """
+        application = self._application
+        if self.state is not AdapterState.RUNNING or application is None:
+            return
+        if application.updater is not None and application.updater.running:
+            await application.updater.stop()
+        _LOGGER.info("Telegram adapter stopped taking updates")
+
+    async def drain(self, timeout_s: float) -> int:
+        """Handle every update received so far, for up to ``timeout_s``; return how many were cut.
+
+        At the limit, the handlers still running are cancelled, and the updates
+        not yet started are dropped. Their users get no reply.
+        """
+        application = self._application
+        processor = self._processor
+        if self.state is not AdapterState.RUNNING or application is None or processor is None:
+            return 0
+        if not application.running:
+            return 0
+        # Application.stop() waits until every queued update has been handled.
+        stopping = asyncio.create_task(application.stop(), name="Telegram:drain")
+        done, _ = await asyncio.wait({stopping}, timeout=timeout_s)
+        if stopping in done:
+            stopping.result()
+            return 0
+        processor.closed = True
+        cancelled = processor.in_flight.cancel_all()
+        await stopping
+        return len(cancelled)
+
     async def stop(self) -> None:
         if self.state is not AdapterState.RUNNING or self._application is None:
             return
@@ -220,7 +310,8 @@ class TelegramAdapter:
         application = self._application
         if application.updater is not None and application.updater.running:
             await application.updater.stop()
-        await application.stop()
+        if application.running:
+            await application.stop()
         await application.shutdown()
         _LOGGER.info("Telegram adapter stopped")
 

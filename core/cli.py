@@ -7,10 +7,13 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 from core.config import CONFIG_DIR, Settings, load_secrets, load_settings
 from core.errors import ConfigError
+from core.logs import build_handler, secret_values
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -18,12 +21,14 @@ _LOGGER = logging.getLogger(__name__)
 _NOISY_LOGGERS = ("httpx", "httpcore", "sqlalchemy.engine", "alembic", "asyncio", "urllib3")
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def configure_logging(
+    level: str, log_format: Literal["text", "json"] = "text", secrets: Iterable[str] = ()
+) -> None:
+    """Log to stderr in ``log_format``, replacing each value in ``secrets`` with [redacted].
+
+    As with logging.basicConfig, a root logger that already has handlers is left alone.
+    """
+    logging.basicConfig(level=level, handlers=[build_handler(log_format, secrets, sys.stderr)])
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
@@ -247,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     interactive_chat = args.command == "chat" and args.replay is None and not args.verbose
-    configure_logging("WARNING" if interactive_chat else settings.log_level)
+    configure_logging(
+        "WARNING" if interactive_chat else settings.log_level,
+        settings.log_format,
+        secret_values(settings, load_secrets()),
+    )
 
     try:
         if args.command == "db":
@@ -324,16 +333,18 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _run(settings: Settings) -> int:
     from bots import console, runner
+    from core import observability
     from core.service import Service
 
     secrets = load_secrets()
     async with Service(settings, secrets) as service:
         adapters = runner.configured_adapters(service, secrets)
-        if not adapters:
-            _LOGGER.info("No platform credentials are set; starting the console chat")
-            await console.run_interactive(service, locale_hint=os.environ.get("LANG"))
-            return 0
-        await runner.run_until_stopped(adapters)
+        async with observability.serve_service(service, adapters):  # type: ignore[arg-type]
+            if not adapters:
+                _LOGGER.info("No platform credentials are set; starting the console chat")
+                await console.run_interactive(service, locale_hint=os.environ.get("LANG"))
+                return 0
+            await runner.run_until_stopped(adapters, grace_s=settings.shutdown_grace_s)
     return 0
 
 
@@ -519,13 +530,15 @@ async def _report(args: argparse.Namespace, settings: Settings) -> int:
 async def _scheduler(settings: Settings) -> int:
     import signal
 
+    from core.observability import serve_scheduler
     from core.scheduler import run_scheduler
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, stop.set)
-    await run_scheduler(settings, stop)
+    async with serve_scheduler(settings):
+        await run_scheduler(settings, stop)
     return 0
 
 

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -39,6 +47,9 @@ class DatabaseSettings(_Section):
     url: str = "sqlite+aiosqlite:///var/mindharbor.db"
     sqlite_busy_timeout_ms: int = Field(30_000, ge=0)
     pool_size: int = Field(20, ge=1)
+    # PostgreSQL only: connections that hold a user's lock while their message is
+    # handled, so at most this many replies are in progress at once per process.
+    lock_pool_size: int = Field(20, ge=1)
     echo: bool = False
 
     @field_validator("url")
@@ -279,6 +290,35 @@ class DiscordSettings(_Section):
     moderator_role_ids: list[int] = []
     # The channel where new and escalated safety cases are posted.
     moderator_channel_id: int | None = None
+    # Sharding: run one process per shard with shard_id 0 .. shard_count - 1. Discord sends
+    # each guild's events to shard (guild_id >> 22) % shard_count, and direct messages to 0.
+    shard_id: int | None = Field(None, ge=0)
+    shard_count: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check_shard(self) -> DiscordSettings:
+        if (self.shard_id is None) != (self.shard_count is None):
+            raise ValueError("set both shard_id and shard_count, or neither")
+        if self.shard_id is not None and self.shard_count is not None:
+            if self.shard_id >= self.shard_count:
+                raise ValueError(
+                    f"shard_id {self.shard_id} must be below shard_count {self.shard_count}"
+                )
+        return self
+
+
+class ObservabilitySettings(_Section):
+    """The internal HTTP server with GET /healthz and GET /metrics (Prometheus)."""
+
+    enabled: bool = True
+    # Loopback by default; in a container that Prometheus scrapes from outside, use 0.0.0.0.
+    host: str = "127.0.0.1"
+    # `mindharbor run` listens on port, `mindharbor scheduler` on scheduler_port, so both
+    # can run on one host. 0 picks a free port, which the start-up log line shows.
+    port: int = Field(9464, ge=0, le=65535)
+    scheduler_port: int = Field(9465, ge=0, le=65535)
+    # Seconds one health check (the database query) may take before it counts as failed.
+    health_timeout_s: float = Field(5.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -300,7 +340,13 @@ class Settings(BaseSettings):
     retrain: RetrainSettings = RetrainSettings()
     telegram: TelegramSettings = TelegramSettings()
     discord: DiscordSettings = DiscordSettings()
+    # Seconds `mindharbor run` gives replies in flight after SIGTERM before it cancels them.
+    # A container runtime's stop timeout must be longer, or it kills the process first.
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    observability: ObservabilitySettings = ObservabilitySettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "json" writes one JSON object per line (time, level, logger, message and extra fields).
+    log_format: Literal["text", "json"] = "text"
 
     @classmethod
     def settings_customise_sources(

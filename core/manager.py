@@ -28,11 +28,13 @@ from core.errors import GenerationError
 from core.generation.base import DeltaCallback, FinishReason, Generator, SamplingParams
 from core.generation.postprocess import end_at_sentence
 from core.locks import KeyedLocks
+from core.observability import METRICS, Metrics
 from core.privacy.export import add_tombstone
 from core.prompt import HistoryTurn, PromptBuilder
 from core.pseudonym import Pseudonymizer
 from core.safety.screening import NO_RISK, RiskAssessment, RiskLevel
 from core.storage import repository
+from core.storage.conversation_lock import ConversationLocks
 from core.storage.models import Conversation, Role, as_utc, utcnow
 from core.text import sanitize_user_text
 
@@ -107,6 +109,8 @@ class ConversationManager:
         pseudonyms: Pseudonymizer | None = None,
         require_consent: bool = False,
         retention_days: int | None = None,
+        metrics: Metrics | None = None,
+        conversation_locks: ConversationLocks | None = None,
     ) -> None:
         self._sessions = session_factory
         self._generator = generator
@@ -124,6 +128,9 @@ class ConversationManager:
         # crisis, which is stored under the safety case's legal basis.
         self._require_consent = require_consent
         self._retention_days = retention_days
+        # Keeps a user's turns in order across bot processes on PostgreSQL.
+        self._conversation_locks = conversation_locks or ConversationLocks(None)
+        self._metrics = metrics or METRICS
 
     @property
     def safety(self) -> SafetyGuard | None:
@@ -135,9 +142,17 @@ class ConversationManager:
         self, message: IncomingMessage, *, on_delta: DeltaCallback | None = None
     ) -> Reply:
         """Store ``message`` as a user turn and return the reply to send (possibly none)."""
+        received_at = time.perf_counter()
+        self._metrics.record_received(message.platform)
         # Per-user order: a second quick message waits until the first is answered.
-        async with self._user_locks.hold((message.platform, message.user_id)):
-            return await self._handle(message, on_delta)
+        async with (
+            self._user_locks.hold((message.platform, message.user_id)),
+            self._conversation_locks.hold(message.platform, message.user_id),
+        ):
+            reply = await self._handle(message, on_delta)
+        if reply.should_send:
+            self._metrics.record_reply(message.platform, time.perf_counter() - received_at)
+        return reply
 
     async def reset(self, message: IncomingMessage) -> Reply:
         """Close the user's open conversation in this chat; the next message opens a new one."""
@@ -222,7 +237,11 @@ class ConversationManager:
 
     async def forget(self, message: IncomingMessage) -> Reply:
         """Delete everything stored about the user and report what was deleted."""
-        async with self._user_locks.hold((message.platform, message.user_id)):
+        # The database lock keeps another process from storing a reply after the deletion.
+        async with (
+            self._user_locks.hold((message.platform, message.user_id)),
+            self._conversation_locks.hold(message.platform, message.user_id),
+        ):
             locale = await self.user_locale(message)
             async with self._sessions.begin() as session:
                 deleted = await repository.delete_user_data(
@@ -412,6 +431,8 @@ class ConversationManager:
                 timeout=self._timeout_s,
             )
         except (GenerationError, TimeoutError) as exc:
+            # GenerationTimeout is a TimeoutError too.
+            self._metrics.record_generation_error(timed_out=isinstance(exc, TimeoutError))
             _LOGGER.warning(
                 "Generation failed for conversation %s: %s: %s",
                 stored.conversation_id,
@@ -420,6 +441,7 @@ class ConversationManager:
             )
             return self._apology(reply, started, message)
         except Exception:
+            self._metrics.record_generation_error(timed_out=False)
             _LOGGER.exception("Generation crashed for conversation %s", stored.conversation_id)
             return self._apology(reply, started, message)
 

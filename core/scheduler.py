@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.config import Settings, load_settings
+from core.observability import METRICS, Metrics
 from core.storage import db
 from core.storage.models import JobLock, utcnow
 
@@ -116,29 +117,36 @@ async def run_locked(
     *,
     timeout_s: float,
     holder: str = HOLDER,
+    metrics: Metrics | None = None,
 ) -> str:
     """Run ``job`` under the lease ``name`` with a timeout; return the outcome, also logged.
 
     Outcomes: "done", "skipped" (another process holds the lease), "timed out", "failed".
+    Each is counted in mindharbor_scheduler_jobs_total of ``metrics`` (default: the process's).
     """
+    metrics = metrics or METRICS
     # The lease outlives the timeout a little, so a stuck holder's lease ends on its own.
     if not await acquire_lock(sessions, name, holder, timeout_s + 60):
         _LOGGER.info("Job %s skipped: another scheduler is running it", name)
+        metrics.record_job(name, "skipped")
         return "skipped"
     started = asyncio.get_running_loop().time()
     try:
         result = await asyncio.wait_for(job(), timeout=timeout_s)
     except TimeoutError:
         _LOGGER.error("Job %s timed out after %.0f s and was cancelled", name, timeout_s)
+        metrics.record_job(name, "timed out")
         return "timed out"
     except Exception:
         _LOGGER.exception("Job %s failed", name)
+        metrics.record_job(name, "failed")
         return "failed"
     finally:
         await release_lock(sessions, name, holder)
     _LOGGER.info(
         "Job %s done in %.1f s: %s", name, asyncio.get_running_loop().time() - started, result
     )
+    metrics.record_job(name, "done")
     return "done"
 
 

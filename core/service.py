@@ -15,10 +15,12 @@ from core.config import Secrets, Settings, resolve_path
 from core.generation import create_generator, sampling_from_settings
 from core.generation.base import Generator
 from core.manager import ConversationManager
+from core.observability import METRICS, Metrics
 from core.prompt import PromptBuilder, load_system_prompts
 from core.pseudonym import Pseudonymizer, load_pseudonymizer
 from core.safety.guard import SafetyGuard
 from core.storage import db
+from core.storage.conversation_lock import ConversationLocks
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -39,11 +41,14 @@ class Service:
         *,
         generator: Generator | None = None,
         apply_migrations: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self._secrets = secrets
         self._generator = generator
         self._apply_migrations = apply_migrations
+        # Counters shared by the manager and the /metrics page; tests pass a fresh Metrics.
+        self.metrics = metrics or METRICS
         self._engine: AsyncEngine | None = None
         self._manager: ConversationManager | None = None
         self._safety: SafetyGuard | None = None
@@ -51,6 +56,7 @@ class Service:
         self._stop_reminders = asyncio.Event()
         self._reminders: asyncio.Task[None] | None = None
         self._follow_task: asyncio.Task[None] | None = None
+        self._conversation_locks: ConversationLocks | None = None
         self.state = ServiceState.CREATED
 
     async def __aenter__(self) -> Service:
@@ -100,6 +106,11 @@ class Service:
         if self._apply_migrations:
             await db.upgrade_async(settings.database.url)
         self._engine = db.create_engine(settings.database)
+        # A process holds a user's lock for one reply (bounded by generator.timeout_s)
+        # and a few writes. The wait covers one reply ahead in another process, twice over.
+        self._conversation_locks = ConversationLocks.create(
+            settings.database, wait_timeout_s=2 * settings.generator.timeout_s + 30
+        )
 
         sessions = db.create_session_factory(self._engine)
         follow = (
@@ -163,6 +174,8 @@ class Service:
             pseudonyms=pseudonyms,
             require_consent=settings.privacy.require_consent,
             retention_days=settings.privacy.retention_days,
+            metrics=self.metrics,
+            conversation_locks=self._conversation_locks,
         )
         # Posts crisis cases that stay unacknowledged to the moderators again.
         self._stop_reminders.clear()
@@ -198,4 +211,6 @@ class Service:
             await self._generator.stop()
         if self._engine is not None:
             await self._engine.dispose()
+        if self._conversation_locks is not None:
+            await self._conversation_locks.dispose()
         _LOGGER.info("Service stopped")

@@ -12,6 +12,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MINDHARBOR_PRIVACY__REQUIRE_CONSENT", "false")
 # Services started in tests use this key instead of creating one under var/.
 os.environ.setdefault("MINDHARBOR_PSEUDONYM_KEY", "test-pseudonym-key-not-for-production")
+# `mindharbor run` and `scheduler` started by tests listen for health and metrics on free
+# ports, so that test runs on one machine do not compete for the default ones.
+os.environ.setdefault("MINDHARBOR_OBSERVABILITY__PORT", "0")
+os.environ.setdefault("MINDHARBOR_OBSERVABILITY__SCHEDULER_PORT", "0")
 
 import shutil
 import uuid

@@ -74,6 +74,15 @@ class Generator(abc.ABC):
     def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
         """Count the tokens of ``messages`` as a prompt that ends where the reply starts."""
 
+    @property
+    def is_ready(self) -> bool:
+        """Whether ``generate`` can serve requests now (read by the health check).
+
+        The base class keeps no lifecycle state and returns True. Backends with
+        a ``start``/``stop`` lifecycle override it.
+        """
+        return True
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load models or open connections; calling it twice is harmless."""
 

@@ -204,6 +204,10 @@ class LocalGenerator(Generator):
         return self._state
 
     @property
+    def is_ready(self) -> bool:
+        return self._state is GeneratorState.RUNNING
+
+    @property
     def model_name(self) -> str:
         if self._model_source == EMBEDDED:
             base = embedded.MODEL_DIR_NAME

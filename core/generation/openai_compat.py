@@ -228,6 +228,12 @@ class OpenAICompatGenerator(Generator):
     def context_length(self) -> int:
         return self._context_length
 
+    @property
+    def is_ready(self) -> bool:
+        # NOTE: started means the HTTP client is open. Whether the inference server
+        # responds shows in mindharbor_generation_errors_total, not here.
+        return self._state is _State.STARTED
+
     # Lifecycle
 
     async def start(self) -> None:

@@ -106,7 +106,9 @@ def parse_level(answer: str) -> RiskLevel | None:
     found = [level for level in RiskLevel if level.value in words]
     if len(found) == 1:
         return found[0]
-    _LOGGER.warning("Risk classifier answered without a level: %.80r", answer)
+    # The classifier's output may quote the user's message, so it is logged at DEBUG only.
+    _LOGGER.warning("Risk classifier answered without a level (%d characters)", len(answer))
+    _LOGGER.debug("Risk classifier answer without a level: %.80r", answer)
     return None
 
 
@@ -128,5 +130,6 @@ def parse_reply_verdict(answer: str) -> tuple[str, ...] | None:
             if isinstance(category, str)
         )
         return found or ("other",)
-    _LOGGER.warning("Reply check answered without a verdict: %.80r", answer)
+    _LOGGER.warning("Reply check answered without a verdict (%d characters)", len(answer))
+    _LOGGER.debug("Reply check answer without a verdict: %.80r", answer)
     return None

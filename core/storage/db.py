@@ -48,6 +48,9 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
         return create_async_engine(
             url,
             echo=settings.echo,
+            # Statement values (message text) stay out of echo lines and error messages,
+            # which are logged at INFO and above.
+            hide_parameters=True,
             pool_size=settings.pool_size,
             max_overflow=settings.pool_size,
             pool_pre_ping=True,
@@ -65,6 +68,7 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
     engine = create_async_engine(
         url,
         echo=settings.echo,
+        hide_parameters=True,
         pool_size=1,
         max_overflow=0,
         pool_timeout=max(30.0, settings.sqlite_busy_timeout_ms / 1000),

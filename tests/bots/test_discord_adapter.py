@@ -326,3 +326,43 @@ async def test_streaming_edits_show_reply(harness: Harness) -> None:
         ("user", "stream please"),
         ("assistant", harness.generator.reply),
     ]
+
+
+async def wait_for_generation(generator: FakeGenerator, count: int) -> None:
+    async with asyncio.timeout(10):
+        while len(generator.calls) < count:
+            await asyncio.sleep(0.02)
+
+
+async def test_shutdown_finishes_reply_in_flight(running: Harness) -> None:
+    running.generator.delay_s = 0.5
+    late_user = DiscordUser(id=1_200_000_000_000_000_888, username="late")
+    dm = running.server.create_dm_channel(DEFAULT_USER)
+    await running.server.send_message_create(dm.id, DEFAULT_USER, "Are you still there?")
+    await wait_for_generation(running.generator, 1)
+
+    await running.adapter.stop_intake()
+    late_dm = running.server.create_dm_channel(late_user)
+    await running.server.send_message_create(late_dm.id, late_user, "Hello after the stop")
+    cancelled = await running.adapter.drain(10)
+
+    assert cancelled == 0
+    assert [m.content for m in running.server.messages_in(dm.id)] == [
+        "reply to: Are you still there?"
+    ]
+    assert running.server.messages_in(late_dm.id) == []
+    assert await running.user_turns(late_user.id) == []
+
+
+async def test_shutdown_grace_cancels_slow_reply(running: Harness) -> None:
+    running.generator.hang = True
+    dm = running.server.create_dm_channel(DEFAULT_USER)
+    await running.server.send_message_create(dm.id, DEFAULT_USER, "Still waiting")
+    await wait_for_generation(running.generator, 1)
+
+    await running.adapter.stop_intake()
+    cancelled = await running.adapter.drain(0.2)
+
+    assert cancelled == 1
+    assert running.server.messages_in(dm.id) == []
+    assert await running.user_turns(DEFAULT_USER.id) == [("user", "Still waiting")]

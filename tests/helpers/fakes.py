@@ -55,6 +55,10 @@ class FakeGenerator(Generator):
             total += 4 + len(content.split()) + extra_bytes // 2
         return total + 2
 
+    @property
+    def is_ready(self) -> bool:
+        return self.started
+
     async def start(self) -> None:
         self.started = True
 

@@ -60,7 +60,14 @@ class Hang:
     """Read the request and send nothing until the server closes."""
 
 
-Behaviour = Reply | ErrorReply | Hang
+@dataclass(frozen=True)
+class HeldReply:
+    """Read the request, wait until ``OpenAIStandIn.release`` is set, then send ``reply``."""
+
+    reply: Reply = field(default_factory=Reply)
+
+
+Behaviour = Reply | ErrorReply | Hang | HeldReply
 
 
 def too_many_requests(retry_after: str | None = None) -> ErrorReply:
@@ -139,6 +146,8 @@ class OpenAIStandIn:
         self._ids = itertools.count(1)
         # Set on close, so that hanging handlers return and their threads end.
         self.closing = threading.Event()
+        # Set by a test to let every HeldReply request send its response.
+        self.release = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -254,6 +263,12 @@ class _Handler(BaseHTTPRequestHandler):
 
         behaviour = standin.next_behaviour(body)
         try:
+            if isinstance(behaviour, HeldReply):
+                while not standin.release.wait(0.05):
+                    if standin.closing.is_set():
+                        self.close_connection = True
+                        return
+                behaviour = behaviour.reply
             if isinstance(behaviour, Hang):
                 self._hang()
             elif isinstance(behaviour, ErrorReply):
