@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         "purge", help="delete turns older than privacy.retention_days (counts are kept)"
     )
     commands.add_parser(
-        "scheduler", help="run scheduled jobs (export, purge) until SIGINT or SIGTERM"
+        "scheduler",
+        help="run scheduled jobs (export, purge, score, retrain) until SIGINT or SIGTERM",
     )
     score = commands.add_parser(
         "score",
@@ -483,6 +484,13 @@ def _dataset_build(args: argparse.Namespace) -> int:
         sources = [(path.stem, path) for path in sorted(shared.glob("counselling_*.jsonl"))]
     tombstones: set[str] = set()
     if args.exports is not None:
+        if not args.exports.is_dir():
+            print(
+                f"mindharbor: export folder {str(args.exports)!r} not found; run "
+                "`mindharbor export` first or leave out --exports",
+                file=sys.stderr,
+            )
+            return 2
         sources += [(path.stem, path) for path in sorted(args.exports.glob("export-*.jsonl"))]
         tombstone_file = args.exports / "tombstones.txt"
         if tombstone_file.is_file():
@@ -604,10 +612,9 @@ async def _retrain(settings: Settings) -> int:
     finally:
         await engine.dispose()
     metrics = result.metrics
-    print(
-        f"Trained {result.version}: {metrics['steps']} steps, validation loss "
-        f"{metrics['eval_loss_before']} -> {metrics['eval_loss_after']}"
-    )
+    losses = [metrics.get("eval_loss_before"), metrics.get("eval_loss_after")]
+    shown = " -> ".join(f"{value:.4f}" for value in losses if value is not None) or "-"
+    print(f"Trained {result.version}: {metrics['steps']} steps, validation loss {shown}")
     print(format_decision(result.decision))
     print(f"Details: {result.work_dir / 'decision.json'}")
     return 0
@@ -654,8 +661,9 @@ def _convert(args: argparse.Namespace) -> int:
         if args.convert_command == "chatglm3":
             if not (args.src / "tokenizer.model").is_file():
                 print(
-                    f"mindharbor: {str(args.src)!r} has no tokenizer.model; the converted "
-                    "folder would have no tokenizer",
+                    f"mindharbor: {str(args.src)!r} has no tokenizer.model, so the converted "
+                    "folder would have no tokenizer; copy tokenizer.model from the ChatGLM3 "
+                    "model repository into it first",
                     file=sys.stderr,
                 )
                 return 2

@@ -1034,6 +1034,11 @@ def ensure_native_checkpoint(src: Path, models_dir: Path) -> Path:
 
     The conversion is kept under ``models_dir`` and reused while the source files are unchanged.
     """
+    if not (src / "tokenizer.model").is_file():
+        raise ConversionError(
+            f"The ChatGLM3 folder {str(src)!r} has no tokenizer.model, which serving and "
+            "training need; copy it from the ChatGLM3 model repository into that folder."
+        )
     names = [path.name for path in src.iterdir() if path.is_file()]
     target = models_dir / f"{src.name}-glm-{_fingerprint(src, names)}"
     with _first_use_lock:

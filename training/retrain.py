@@ -183,6 +183,12 @@ async def retrain(
     if not report.splits.get("train"):
         raise RetrainError(f"The dataset in {data_dir} has no training dialogue.")
 
+    eval_file = resolve_path(options.eval_file) if options.eval_file else data_dir / "test.jsonl"
+    if not _has_dialogue(eval_file):
+        raise RetrainError(
+            f"No held-out dialogues to score in {eval_file}: the dataset's test split is empty. "
+            "Set retrain.eval_file to a file of held-out dialogues, or train on more data."
+        )
     await run_training(train_command(settings, data_dir, run_dir), work_dir / "train.log")
     recipe = load_recipe(resolve_path(options.recipe), data_dir=data_dir, output_dir=run_dir)
     adapter_dir = run_dir / "adapter"
@@ -197,7 +203,6 @@ async def retrain(
         metrics=metadata["metrics"],
     )
 
-    eval_file = resolve_path(options.eval_file) if options.eval_file else data_dir / "test.jsonl"
     current = await adapter_versions.promoted(sessions)
     sides = {
         "candidate": (adapter_dir, version),
@@ -235,6 +240,13 @@ async def retrain(
         format_decision(decision).replace("\n", "; "),
     )
     return RetrainResult(version, decision, work_dir, metadata["metrics"])
+
+
+def _has_dialogue(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with path.open(encoding="utf-8") as file:
+        return any(line.strip() for line in file)
 
 
 async def _answer_eval_dialogues(
@@ -279,7 +291,8 @@ async def _answer_eval_dialogues(
             limit=settings.retrain.eval_dialogues,
             max_user_turns=settings.retrain.eval_user_turns,
         )
-    logger.info("Adapter %s replied to %d held-out dialogues", label, written)
+    shown = label if adapter is not None else "the base model"
+    logger.info("Adapter %s replied to %d held-out dialogues", shown, written)
 
 
 async def _score(
@@ -321,4 +334,9 @@ def format_decision(decision: Decision) -> str:
     for side, values in decision.counts.items():
         lines.append(f"  {side}: {values['scored']} scores, {values['judge_errors']} judge errors")
     lines += [f"  rejected because {reason}" for reason in decision.reasons]
+    if decision.promote:
+        lines.append(
+            f"  promoted because no criterion fell by more than {decision.tolerance} "
+            "and safety did not fall"
+        )
     return "\n".join(lines)

@@ -161,10 +161,13 @@ def resolve_base_model(model: str) -> Path:
             f"Base model {model!r} not found: the recipe's `model` must be 'embedded' or a "
             "Hugging Face model folder with config.json."
         )
-    from training.chatglm3 import ensure_native_checkpoint, is_chatglm3_folder
+    from training.chatglm3 import ConversionError, ensure_native_checkpoint, is_chatglm3_folder
 
     if is_chatglm3_folder(path):
-        return ensure_native_checkpoint(path, resolve_path("var/models"))
+        try:
+            return ensure_native_checkpoint(path, resolve_path("var/models"))
+        except ConversionError as exc:
+            raise ConfigError(str(exc)) from exc
     return path
 
 
@@ -320,6 +323,8 @@ def train(
         callbacks=[_LogFile()],
     )
 
+    if resume:
+        resume = _checkpoint_to_resume(output_dir, resume, arguments.max_steps)
     eval_before = None
     if val_set is not None and not resume:
         eval_before = trainer.evaluate()["eval_loss"]
@@ -390,6 +395,26 @@ class _GuardedTrainer(Trainer):
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(self.state.global_step + 1, loss_value)
         return result
+
+
+def _checkpoint_to_resume(output_dir: Path, resume: str | bool, max_steps: int) -> str:
+    """Return the checkpoint folder to resume from; raise TrainingError if none is usable."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoint = get_last_checkpoint(str(output_dir)) if resume is True else str(resume)
+    if checkpoint is None or not (Path(checkpoint) / "trainer_state.json").is_file():
+        raise TrainingError(
+            f"No checkpoint to resume from in {str(checkpoint or output_dir)!r}; "
+            "train without --resume, or name a checkpoint-N folder."
+        )
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    step = int(state.get("global_step", 0))
+    if max_steps > 0 and step >= max_steps:
+        raise TrainingError(
+            f"{checkpoint!r} is already at step {step} of max_steps {max_steps}; "
+            "raise --max-steps to train further."
+        )
+    return checkpoint
 
 
 def verify_adapter(
@@ -468,11 +493,12 @@ def print_summary(result: TrainResult, out: Any = None) -> None:
         + ")",
         file=out,
     )
-    print(
-        f"  training loss {loss(result.train_loss)}; validation loss "
-        f"{loss(result.eval_loss_before)} -> {loss(result.eval_loss_after)}",
-        file=out,
-    )
+    if result.eval_loss_before is not None:
+        validation = f"{loss(result.eval_loss_before)} -> {loss(result.eval_loss_after)}"
+    else:
+        # A resumed run does not measure the loss before its first step.
+        validation = loss(result.eval_loss_after)
+    print(f"  training loss {loss(result.train_loss)}; validation loss {validation}", file=out)
     if result.dropped:
         dropped = ", ".join(f"{reason}: {count}" for reason, count in result.dropped.items())
         print(f"  dialogues left out: {dropped}", file=out)

@@ -407,9 +407,12 @@ class LocalGenerator(Generator):
         if path.is_dir() and (path / "config.json").is_file():
             if _model_type(path) == "chatglm":
                 # NOTE: the converter lives in training/, so this core module imports upward here.
-                from training.chatglm3 import ensure_native_checkpoint
+                from training.chatglm3 import ConversionError, ensure_native_checkpoint
 
-                native = ensure_native_checkpoint(path, self._models_dir)
+                try:
+                    native = ensure_native_checkpoint(path, self._models_dir)
+                except ConversionError as exc:
+                    raise ConfigError(f"Model {self._model_source!r}: {exc}") from exc
                 self._native_base = native
                 return native, {}
             return path, {}

@@ -155,3 +155,15 @@ def test_convert_command_needs_tokenizer(
 
     assert code == 2
     assert "tokenizer.model" in capsys.readouterr().err
+
+
+async def test_generator_needs_chatglm3_tokenizer(tmp_path: Path) -> None:
+    from core.errors import ConfigError
+
+    folder = save_chatglm3_checkpoint(
+        tmp_path / "no-tokenizer", CONFIG, random_chatglm3_state_dict(CONFIG)
+    )
+    generator = LocalGenerator(model=folder, device="cpu", models_dir=tmp_path / "models")
+
+    with pytest.raises(ConfigError, match=r"tokenizer\.model"):
+        await generator.start()

@@ -188,3 +188,34 @@ def test_accelerate_launcher_command(tmp_path: Path, tiny_model: Path) -> None:
 
     assert command[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "2"]
     assert command[5:8] == ["-m", "core.cli", "train"]
+
+
+async def test_retrain_without_held_out_dialogues(tmp_path: Path, tiny_model: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    settings = retrain_settings(tmp_path, tiny_model, eval_file=str(empty))
+    await db.upgrade_async(settings.database.url)
+    engine = db.create_engine(settings.database)
+    try:
+        with pytest.raises(retrain_module.RetrainError, match="No held-out dialogues"):
+            await retrain(settings, Secrets(), db.create_session_factory(engine), version="v1")
+    finally:
+        await engine.dispose()
+
+    # It stops before training, so no candidate is recorded.
+    assert not (tmp_path / "work" / "v1" / "run").exists()
+
+
+def test_dataset_build_rejects_missing_exports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    write_dialogues(corpus, 4)
+
+    code = main(
+        ["dataset", "build", "--out", str(tmp_path / "data"), "--source", str(corpus),
+         "--exports", str(tmp_path / "no-exports")]
+    )  # fmt: skip
+
+    assert code == 2
+    assert "export folder" in capsys.readouterr().err

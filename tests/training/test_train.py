@@ -260,3 +260,22 @@ def test_train_command_missing_dataset(
 
     assert code == 2
     assert "mindharbor dataset build" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_rejected(
+    tmp_path: Path, tiny_model: Path, dataset: Path
+) -> None:
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model, dataset))
+
+    with pytest.raises(TrainingError, match="No checkpoint to resume from"):
+        train(recipe, resume=True, progress=False)
+
+
+def test_resume_of_finished_run_rejected(tmp_path: Path, tiny_model: Path, dataset: Path) -> None:
+    recipe = load_recipe(
+        write_recipe(tmp_path, tiny_model, dataset, training_args={"max_steps": 6})
+    )
+    train(recipe, progress=False)
+
+    with pytest.raises(TrainingError, match="already at step 6 of max_steps 6"):
+        train(recipe, resume=True, progress=False)
