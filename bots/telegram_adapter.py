@@ -33,9 +33,11 @@ from telegram.error import (
     BadRequest,
     Conflict,
     Forbidden,
+    InvalidToken,
     NetworkError,
     RetryAfter,
     TelegramError,
+    TimedOut,
 )
 from telegram.ext import (
     Application,
@@ -56,6 +58,7 @@ from bots.rendering import MarkdownFlavor, split_message, to_markdown_v2
 from bots.runner import AdapterState, InFlight
 from core import i18n
 from core.config import TelegramSettings
+from core.errors import PlatformUnavailable
 from core.locks import KeyedLocks
 from core.manager import ConversationManager, IncomingMessage, Reply, ReplyKind
 from core.safety.desk import Actor, Delivery, SafetyDesk
@@ -200,6 +203,32 @@ class TelegramAdapter:
             raise RuntimeError("The Telegram adapter is not running; call start() first.")
         return self._application
 
+    async def _initialize(self, application: Application) -> None:
+        """Initialize the application (getMe), retrying while the Bot API is unreachable.
+
+        Raises PlatformUnavailable after ``startup_retry_s`` or at once for a rejected token.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.startup_retry_s
+        delay = 1.0
+        while True:
+            try:
+                await application.initialize()
+                return
+            except InvalidToken as exc:
+                raise PlatformUnavailable(
+                    f"Telegram rejected TELEGRAM_BOT_TOKEN: {exc}; check the token."
+                ) from exc
+            except (NetworkError, TimedOut) as exc:
+                if loop.time() + delay > deadline:
+                    raise PlatformUnavailable(
+                        f"The Telegram Bot API at {self._settings.api_base_url} is unreachable: "
+                        f"{exc}; check the network or telegram.api_base_url."
+                    ) from exc
+                _LOGGER.warning("Telegram Bot API unreachable (%s); retrying in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
     async def start(self) -> None:
         if self.state is AdapterState.RUNNING:
             _LOGGER.debug("Telegram adapter already running")
@@ -223,7 +252,7 @@ class TelegramAdapter:
         self._add_handlers(application)
         self._application = application
 
-        await application.initialize()
+        await self._initialize(application)
         self._bot_username = application.bot.username or ""
         self._bot_id = application.bot.id
         await self._register_commands()

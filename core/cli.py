@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from core.config import CONFIG_DIR, Settings, load_secrets, load_settings
-from core.errors import ConfigError
+from core.errors import ConfigError, PlatformUnavailable
 from core.logs import build_handler, secret_values
 
 _LOGGER = logging.getLogger(__name__)
@@ -295,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mindharbor: {exc}", file=sys.stderr)
         return 2
+    except PlatformUnavailable as exc:
+        print(f"mindharbor: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 1

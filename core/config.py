@@ -256,6 +256,8 @@ class TelegramSettings(_Section):
     # Seconds before the typing indicator starts; faster replies show none.
     typing_delay_s: float = Field(0.5, ge=0)
     poll_timeout_s: int = Field(30, ge=0)
+    # How long start-up keeps retrying an unreachable Bot API (a network not up yet).
+    startup_retry_s: float = Field(120.0, ge=0)
     max_send_attempts: int = Field(5, ge=1)
     # Users whose updates are handled at the same time (one user's updates stay in order).
     max_concurrent_updates: int = Field(256, ge=1)

@@ -47,3 +47,7 @@ class GeneratorUnavailable(GenerationError):
     ) -> None:
         super().__init__(message, original=original)
         self.status_code = status_code
+
+
+class PlatformUnavailable(MindHarborError):
+    """A platform's API could not be reached at start-up; the message names it and the cause."""

@@ -129,3 +129,34 @@ async def test_run_answers_real_dialogues_webhook(tmp_path: Path, tiny_model: Pa
         accepted = {delivery.update_id for delivery in server.deliveries if delivery.status == 200}
         assert accepted == {update["update_id"] for update in server.updates}
         assert 403 not in {delivery.status for delivery in server.deliveries}
+
+
+async def test_run_reports_unreachable_bot_api(tmp_path: Path, tiny_model: Path) -> None:
+    # Nothing listens on this port, as when the network is not up yet.
+    closed = f"http://127.0.0.1:{free_port()}"
+    env = {
+        "TELEGRAM_BOT_TOKEN": "123456:TEST-TOKEN",
+        "MINDHARBOR_TELEGRAM__API_BASE_URL": closed,
+        "MINDHARBOR_TELEGRAM__STARTUP_RETRY_S": "2",
+        "MINDHARBOR_DATABASE__URL": f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
+        "MINDHARBOR_GENERATOR__LOCAL__MODEL": str(tiny_model),
+        "MINDHARBOR_GENERATOR__SAMPLING__MAX_NEW_TOKENS": "8",
+        "MINDHARBOR_PROMPT__CONTEXT_LENGTH": "512",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "core.cli",
+        "run",
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=120)
+    text = output.decode()
+
+    assert process.returncode == 1
+    assert "retrying in" in text
+    assert f"The Telegram Bot API at {closed} is unreachable" in text
+    assert "Traceback" not in text
