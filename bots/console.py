@@ -96,7 +96,9 @@ class _ReplyPrinter:
             if reply.text.startswith(streamed):
                 print(reply.text[len(streamed) :], end="", file=self._stdout)
             elif streamed.strip() != reply.text.strip():
-                print("\nMindHarbor: " + reply.text, end="", file=self._stdout)
+                # Say which of the two texts counts, so the reply does not look repeated.
+                note = i18n.text("console_reply_replaced", reply.locale)
+                print(f"\n{note}\nMindHarbor: {reply.text}", end="", file=self._stdout)
             print(file=self._stdout, flush=True)
         elif reply.should_send:
             prefix = "\n" if streamed else ""

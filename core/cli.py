@@ -643,7 +643,9 @@ async def _adapters(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await engine.dispose()
     if not versions:
-        print("No adapter versions yet; `mindharbor retrain` trains one")
+        print("No adapter versions yet; `mindharbor retrain` trains and records one")
+    else:
+        print("version          status     trained           mean scores  folder")
     for row in versions:
         means = (row.scores or {}).get("means") or {}
         shown = " ".join(

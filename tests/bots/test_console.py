@@ -117,3 +117,23 @@ async def test_console_consent_and_forget(tmp_path: Path, monkeypatch: pytest.Mo
     assert "Send /forget yes to delete everything" in output
     assert "I deleted 2 messages in 1 conversations" in output
     assert "Storing your conversation: no" in output
+
+
+@pytest.mark.parametrize(
+    ("locale", "note"),
+    [("en", "This is the reply that was kept"), ("zh-CN", "以下是保留的回复")],
+)
+async def test_trimmed_stream_labels_kept_reply(locale: str, note: str) -> None:
+    from bots.console import _ReplyPrinter
+    from core.manager import Reply, ReplyKind
+
+    output = io.StringIO()
+    printer = _ReplyPrinter(output)
+    await printer.on_delta("Take a slow breath. Then we can talk about wh")
+
+    printer.finish(Reply(kind=ReplyKind.GENERATED, text="Take a slow breath.", locale=locale))
+
+    lines = output.getvalue().splitlines()
+    assert lines[0] == "MindHarbor: Take a slow breath. Then we can talk about wh"
+    assert note in lines[1]
+    assert lines[2] == "MindHarbor: Take a slow breath."
