@@ -32,6 +32,7 @@ from core.generation.base import SamplingParams
 from core.manager import ConversationManager, IncomingMessage
 from core.prompt import PromptBuilder
 from core.storage import db, repository
+from core.storage.conversation_lock import ConversationLocks
 from core.storage.models import Role, Turn, utcnow
 from tests.helpers.fakes import FakeGenerator
 from tests.helpers.safety import build_guard
@@ -110,9 +111,12 @@ async def time_bare_row(sessions, messages: int) -> list[float]:
 
 async def run_database(label: str, url: str, messages: int) -> None:
     await db.upgrade_async(url)
-    engine = db.create_engine(DatabaseSettings(url=url, pool_size=5))
+    settings = DatabaseSettings(url=url, pool_size=5)
+    engine = db.create_engine(settings)
     sessions = db.create_session_factory(engine)
     generator = FakeGenerator(context_length=8192)
+    # As the service runs it: a per-user advisory lock on PostgreSQL, none on SQLite.
+    locks = ConversationLocks.create(settings, wait_timeout_s=90)
     manager = ConversationManager(
         session_factory=sessions,
         generator=generator,
@@ -127,6 +131,7 @@ async def run_database(label: str, url: str, messages: int) -> None:
         # The full path: risk screening of every turn, reply screening, break reminders.
         safety=build_guard(sessions),
         break_reminder=BreakReminderSettings(),
+        conversation_locks=locks,
     )
 
     try:
@@ -138,6 +143,7 @@ async def run_database(label: str, url: str, messages: int) -> None:
             results[stored] = await time_manager(manager, user_id, messages)
         bare = await time_bare_row(sessions, messages)
     finally:
+        await locks.dispose()
         await engine.dispose()
 
     bare_p50 = statistics.median(bare) * 1000
