@@ -209,6 +209,9 @@ class RetrainSettings(_Section):
     launcher: Literal["python", "accelerate"] = "python"
     accelerate_args: list[str] = []
     max_steps: int | None = Field(None, ge=1)
+    # After a promotion, merge the adapter into its base as merged-VERSION in this folder and
+    # point its `serving` link there (for vLLM, which then needs a restart); null: no merge.
+    serving_dir: str | None = None
 
 
 class SafetySettings(_Section):

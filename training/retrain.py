@@ -228,6 +228,14 @@ async def retrain(
     )
     if decision.promote:
         await adapter_versions.promote(sessions, version, decision=decision.to_json())
+        if options.serving_dir:
+            await asyncio.to_thread(
+                publish_merged,
+                adapter_dir,
+                recipe.model,
+                resolve_path(options.serving_dir),
+                version,
+            )
     else:
         await adapter_versions.reject(sessions, version, decision=decision.to_json())
     (work_dir / "decision.json").write_text(
@@ -240,6 +248,32 @@ async def retrain(
         format_decision(decision).replace("\n", "; "),
     )
     return RetrainResult(version, decision, work_dir, metadata["metrics"])
+
+
+def publish_merged(adapter_dir: Path, base_model: str, serving_dir: Path, version: str) -> Path:
+    """Merge the promoted adapter into its base and point ``serving_dir/serving`` at the result.
+
+    The link is replaced in one rename, so a server that starts meanwhile reads either the old
+    model or the new one. Returns the merged folder.
+    """
+    from training.merge import merge_adapter
+    from training.train import resolve_base_model
+
+    link = serving_dir / "serving"
+    if link.exists() and not link.is_symlink():
+        raise RetrainError(
+            f"{link} is a folder, not a link; move it away so that promotions can relink it."
+        )
+    merged = serving_dir / f"merged-{version}"
+    merge_adapter(adapter_dir, merged, base=resolve_base_model(base_model))
+    staging = serving_dir / f".serving-{version}"
+    staging.unlink(missing_ok=True)
+    staging.symlink_to(merged.name)
+    os.replace(staging, link)
+    logger.info(
+        "Merged %s into %s and linked %s to it; restart the inference server", version, merged, link
+    )
+    return merged
 
 
 def _has_dialogue(path: Path) -> bool:

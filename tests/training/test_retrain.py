@@ -219,3 +219,29 @@ def test_dataset_build_rejects_missing_exports(
 
     assert code == 2
     assert "export folder" in capsys.readouterr().err
+
+
+async def test_promotion_publishes_merged_model(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    serving_dir = tmp_path / "models"
+    settings = retrain_settings(tmp_path, tiny_model, serving_dir=str(serving_dir))
+    await db.upgrade_async(settings.database.url)
+    engine = db.create_engine(settings.database)
+    try:
+        stub_scores(monkeypatch, {"candidate": SAME, "current": SAME})
+        await retrain(settings, Secrets(), db.create_session_factory(engine), version="v1")
+        stub_scores(monkeypatch, {"candidate": SAME, "current": SAME})
+        await retrain(settings, Secrets(), db.create_session_factory(engine), version="v2")
+    finally:
+        await engine.dispose()
+
+    link = serving_dir / "serving"
+    assert link.is_symlink()
+    assert link.resolve() == (serving_dir / "merged-v2").resolve()
+    assert (serving_dir / "merged-v1").is_dir()
+    assert not (link / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(link)
+    assert type(model).__name__ == "LlamaForCausalLM"
