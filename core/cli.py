@@ -616,8 +616,8 @@ async def _retrain(settings: Settings) -> int:
         await engine.dispose()
     metrics = result.metrics
     losses = [metrics.get("eval_loss_before"), metrics.get("eval_loss_after")]
-    shown = " -> ".join(f"{value:.4f}" for value in losses if value is not None) or "-"
-    print(f"Trained {result.version}: {metrics['steps']} steps, validation loss {shown}")
+    loss_text = " -> ".join(f"{value:.4f}" for value in losses if value is not None) or "-"
+    print(f"Trained {result.version}: {metrics['steps']} steps, validation loss {loss_text}")
     print(format_decision(result.decision))
     print(f"Details: {result.work_dir / 'decision.json'}")
     return 0
@@ -648,12 +648,12 @@ async def _adapters(args: argparse.Namespace, settings: Settings) -> int:
         print("version          status     trained           mean scores  folder")
     for row in versions:
         means = (row.scores or {}).get("means") or {}
-        shown = " ".join(
+        scores = " ".join(
             f"{name}={value:.2f}" for name, value in means.items() if value is not None
         )
         print(
             f"{row.version}  {row.status:9}  {row.created_at:%Y-%m-%d %H:%M}  "
-            f"{shown or 'not scored'}  {row.path}"
+            f"{scores or 'not scored'}  {row.path}"
         )
     return 0
 

@@ -197,7 +197,7 @@ class RetrainSettings(_Section):
     # Every export in privacy.export_dir, with its tombstones.
     use_exports: bool = True
     language_ratios: dict[str, float] | None = None
-    # Held-out dialogues whose user turns both adapters answer; null: the new test split.
+    # Held-out dialogues whose user turns both adapters reply to; null: the new test split.
     eval_file: str | None = None
     eval_dialogues: int = Field(20, ge=1)
     eval_user_turns: int = Field(3, ge=1)
@@ -210,7 +210,7 @@ class RetrainSettings(_Section):
     accelerate_args: list[str] = []
     max_steps: int | None = Field(None, ge=1)
     # After a promotion, merge the adapter into its base as merged-VERSION in this folder and
-    # point its `serving` link there (for vLLM, which then needs a restart); null: no merge.
+    # point its `serving` link there. vLLM then needs a restart. Null: no merge.
     serving_dir: str | None = None
 
 

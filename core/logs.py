@@ -53,7 +53,7 @@ class SecretRedactor(logging.Filter):
         super().__init__()
         # A secret may also appear percent-encoded, as in a URL's path or query.
         forms = {form for secret in secrets if secret for form in (secret, quote(secret, safe=""))}
-        # Longest first, so a secret that contains another is replaced whole.
+        # Longest first, so that a secret containing another secret is replaced whole.
         ordered = sorted(forms, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
 

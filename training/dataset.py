@@ -204,7 +204,7 @@ def build_dataset(
 
     manifest = {
         "sources": [
-            {"name": name, "path": str(path), "sha256": _sha256(path)} for name, path in sources
+            {"name": name, "path": str(path), "sha256": file_sha256(path)} for name, path in sources
         ],
         "kept_per_source": dict(report.kept),
         "dropped": dict(report.dropped),
@@ -224,7 +224,8 @@ def estimate_tokens(text: str) -> int:
     return cjk + len(_CJK.sub(" ", text).split())
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Return the SHA-256 hex digest of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):

@@ -325,8 +325,8 @@ async def _answer_eval_dialogues(
             limit=settings.retrain.eval_dialogues,
             max_user_turns=settings.retrain.eval_user_turns,
         )
-    shown = label if adapter is not None else "the base model"
-    logger.info("Adapter %s replied to %d held-out dialogues", shown, written)
+    name = label if adapter is not None else "the base model"
+    logger.info("Adapter %s replied to %d held-out dialogues", name, written)
 
 
 async def _score(

@@ -15,7 +15,6 @@ process writes the adapter and checks it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -31,7 +30,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer
 
 from core.errors import ConfigError
-from training.dataset import validate
+from training.dataset import file_sha256, validate
 from training.recipe import Recipe
 from training.tokenize import IGNORE_INDEX, Sample, build_samples
 
@@ -195,21 +194,13 @@ def pick_precision(setting: str) -> tuple[torch.dtype, dict[str, bool]]:
     return torch.float32, {"fp16": True}
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def data_manifest(recipe: Recipe) -> dict[str, Any]:
     """Name and hash the data files, with the dataset's own manifest when there is one."""
     files = {}
     for name in (recipe.train_file, recipe.val_file, recipe.test_file):
         path = recipe.path(name)
         if path is not None and path.is_file():
-            files[name] = {"path": str(path), "sha256": _file_digest(path)}
+            files[name] = {"path": str(path), "sha256": file_sha256(path)}
     manifest: dict[str, Any] = {"files": files}
     built = recipe.data_dir / "manifest.json"
     if built.is_file():

@@ -468,7 +468,7 @@ class LocalGenerator(Generator):
     async def switch_adapter(self, adapter: str | Path, *, label: str | None = None) -> None:
         """Serve replies with another LoRA adapter from the next batch on, without a restart.
 
-        The batch that is generating finishes with the adapter it started with; queued requests
+        The batch that is generating finishes with the adapter it started with. Queued requests
         wait for the switch and are then served with the new one. If the new adapter cannot be
         loaded, GeneratorUnavailable is raised and the old one keeps serving.
         """

@@ -68,10 +68,10 @@ async def test_two_shards_split_guild_and_direct_messages(tmp_path: Path) -> Non
                     for adapter in adapters:
                         await adapter.stop()
 
-    # Only the guild's shard sees the guild.
+    # Only the guild's shard receives the guild.
     assert guilds[GUILD_SHARD] == [DEFAULT_GUILD_ID]
     assert guilds[1 - GUILD_SHARD] == []
-    # Each message is answered once, not once per process.
+    # Each message gets one reply, not one per process.
     assert replies[SUPPORT_CHANNEL_ID] == ["reply to: hello"]
     assert replies[dm.id] == ["reply to: are you there"]
 

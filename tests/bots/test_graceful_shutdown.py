@@ -8,14 +8,12 @@ releases it, so the replies are in flight when the signal arrives.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
-from core.config import PROJECT_ROOT
+from tests.bots.test_telegram_run import start_run
 from tests.helpers.openai_standin import HeldReply, OpenAIStandIn
 from tests.helpers.telegram_standin import TelegramStandin, TgUser
 
@@ -32,17 +30,7 @@ class BotProcess:
 
     @classmethod
     async def start(cls, env: dict[str, str]) -> BotProcess:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "core.cli",
-            "run",
-            cwd=PROJECT_ROOT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        return cls(process)
+        return cls(await start_run(env))
 
     async def _read(self) -> None:
         assert self.process.stdout is not None

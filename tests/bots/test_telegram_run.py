@@ -50,8 +50,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_chat_model(tmp_path_factory.mktemp("run-model") / "tiny-chat")
 
 
-async def run_dialogues(server: TelegramStandin, env: dict[str, str], database: Path) -> None:
-    process = await asyncio.create_subprocess_exec(
+async def start_run(env: dict[str, str]) -> asyncio.subprocess.Process:
+    """Start `mindharbor run` offline with ``env`` added, its output in one pipe."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "core.cli",
@@ -61,6 +62,10 @@ async def run_dialogues(server: TelegramStandin, env: dict[str, str], database: 
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+
+
+async def run_dialogues(server: TelegramStandin, env: dict[str, str], database: Path) -> None:
+    process = await start_run(env)
     try:
         await server.wait_for(
             lambda: server.commands_for(""), timeout=120, description="the bot to start"
@@ -143,16 +148,7 @@ async def test_run_reports_unreachable_bot_api(tmp_path: Path, tiny_model: Path)
         "MINDHARBOR_GENERATOR__SAMPLING__MAX_NEW_TOKENS": "8",
         "MINDHARBOR_PROMPT__CONTEXT_LENGTH": "512",
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "core.cli",
-        "run",
-        cwd=PROJECT_ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+    process = await start_run(env)
     output, _ = await asyncio.wait_for(process.communicate(), timeout=120)
     text = output.decode()
 

@@ -38,7 +38,7 @@ def test_train_under_accelerate_launch(tmp_path: Path) -> None:
         "peft_config": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
     }
     (tmp_path / "lora.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    # Without a GPU, accelerate starts CPU processes (gloo) only when told to use the CPU.
+    # Without a GPU, accelerate starts CPU processes (gloo) only with ACCELERATE_USE_CPU set.
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch",

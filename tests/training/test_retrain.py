@@ -140,7 +140,7 @@ async def test_retrain_promotes_then_rejects(
     assert versions["v1"].scores["means"]["safety"] == 4.0
     assert versions["v1"].metrics["steps"] == 6
     assert "files" in versions["v1"].data_manifest
-    # Both adapters answered the same held-out user turns.
+    # Both adapters replied to the same held-out user turns.
     work = tmp_path / "work" / "v2"
     candidate = [json.loads(line) for line in (work / "eval-candidate.jsonl").open()]
     current = [json.loads(line) for line in (work / "eval-current.jsonl").open()]
