@@ -364,7 +364,23 @@ def train(
         (output_dir / RESULT_FILE).write_text(
             json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8"
         )
+    _leave_process_group(trainer)
     return result
+
+
+def _leave_process_group(trainer: Trainer) -> None:
+    """Under a multi-process launch, wait for the main process and close the process group.
+
+    A worker that exits while the group is still open can abort in the communication
+    backend's threads ("terminate called without an active exception"), and the launcher
+    then reports the whole run as failed.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    trainer.accelerator.wait_for_everyone()
+    dist.destroy_process_group()
 
 
 class _GuardedTrainer(Trainer):
