@@ -583,16 +583,8 @@ class DiscordAdapter:
         desk, actor = safety.desk, self._actor(interaction)
         if action == "list":
             answer = await desk.list_cases(actor)
-        elif action == "ack":
-            answer = await desk.acknowledge(actor, case_id)
-        elif action == "handoff":
-            answer = await desk.hand_off(actor, case_id)
-        elif action == "reply":
-            answer = await desk.reply(actor, case_id, text)
-        elif action == "resolve":
-            answer = await desk.resolve(actor, case_id, text)
         else:
-            answer = await desk.escalate_case(actor, case_id, text)
+            answer = await desk.act(actor, action, case_id, text)
         await self._followup(interaction, answer)
 
     @_tracked

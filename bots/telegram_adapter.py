@@ -61,7 +61,7 @@ from core.config import TelegramSettings
 from core.errors import PlatformUnavailable
 from core.locks import KeyedLocks
 from core.manager import ConversationManager, IncomingMessage, Reply, ReplyKind
-from core.safety.desk import Actor, Delivery, SafetyDesk
+from core.safety.desk import CASE_ACTIONS, Actor, Delivery, SafetyDesk
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ COMMANDS = (
     "optout",
 )
 # Moderator commands; anyone else who sends one is refused and logged.
-MODERATOR_COMMANDS = ("cases", "ack", "handoff", "reply", "resolve", "escalate")
+MODERATOR_COMMANDS = ("cases", *CASE_ACTIONS)
 _FORGET_YES = "forget:yes"
 _FORGET_NO = "forget:no"
 _CONSENT_AGREE = "consent:agree"
@@ -591,17 +591,7 @@ class TelegramAdapter:
         elif not argument.lstrip("#").isdigit():
             answer = await self._moderator_usage(actor, desk)
         else:
-            case_id = int(argument.lstrip("#"))
-            if name == "ack":
-                answer = await desk.acknowledge(actor, case_id)
-            elif name == "handoff":
-                answer = await desk.hand_off(actor, case_id)
-            elif name == "reply":
-                answer = await desk.reply(actor, case_id, rest)
-            elif name == "resolve":
-                answer = await desk.resolve(actor, case_id, rest)
-            else:
-                answer = await desk.escalate_case(actor, case_id, rest)
+            answer = await desk.act(actor, name, int(argument.lstrip("#")), rest)
         await self.send_text(message.chat_id, answer)
 
     async def _escalate_user(self, actor: Actor, rest: str) -> str:

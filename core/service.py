@@ -16,7 +16,7 @@ from core.generation import create_generator, sampling_from_settings
 from core.generation.base import Generator
 from core.manager import ConversationManager
 from core.observability import METRICS, Metrics
-from core.prompt import PromptBuilder, load_system_prompts
+from core.prompt import prompt_builder_for
 from core.pseudonym import Pseudonymizer, load_pseudonymizer
 from core.safety.guard import SafetyGuard
 from core.storage import db
@@ -144,14 +144,7 @@ class Service:
             )
 
         sampling = sampling_from_settings(settings.generator)
-        builder = PromptBuilder(
-            system_prompts=load_system_prompts(settings.prompt),
-            count_tokens=self._generator.count_prompt_tokens,
-            context_length=settings.prompt.context_length or self._generator.context_length,
-            max_new_tokens=sampling.max_new_tokens,
-            truncation_marker=settings.prompt.truncation_marker,
-            default_locale=settings.chat.default_locale,
-        )
+        builder = prompt_builder_for(settings, self._generator, sampling.max_new_tokens)
         pseudonyms = load_pseudonymizer(
             self._secrets, resolve_path(settings.safety.pseudonym_key_file)
         )

@@ -41,6 +41,9 @@ _LOGGER = logging.getLogger(__name__)
 
 SYSTEM_ACTOR = "system"
 
+# Moderator actions on one case, by the command names both platforms use.
+CASE_ACTIONS = ("ack", "handoff", "reply", "resolve", "escalate")
+
 
 class Delivery(enum.Enum):
     SENT = "sent"
@@ -244,6 +247,23 @@ class SafetyDesk:
         if not lines:
             return i18n.text("case_list_empty", self._locale)
         return "\n".join([i18n.text("case_list_header", self._locale), *lines])
+
+    async def act(self, actor: Actor, action: str, case_id: int, text: str = "") -> str:
+        """Run one of CASE_ACTIONS on a case and return the text shown to the moderator.
+
+        `text` is the reply for "reply" and the note for "resolve" and "escalate".
+        """
+        if action == "ack":
+            return await self.acknowledge(actor, case_id)
+        if action == "handoff":
+            return await self.hand_off(actor, case_id)
+        if action == "reply":
+            return await self.reply(actor, case_id, text)
+        if action == "resolve":
+            return await self.resolve(actor, case_id, text)
+        if action == "escalate":
+            return await self.escalate_case(actor, case_id, text)
+        raise ValueError(f"Invalid case action {action!r}: expected one of {CASE_ACTIONS}")
 
     async def acknowledge(self, actor: Actor, case_id: int) -> str:
         if refused := self._refusal(actor, "acknowledge"):

@@ -228,6 +228,23 @@ async def test_full_case_cycle_with_handoff(harness: Harness) -> None:
     assert case.handoff is False
 
 
+async def test_act_dispatches_case_actions(harness: Harness) -> None:
+    await harness.manager.handle(message(CRISIS_EN))
+    case_id = (await harness.cases())[0].id
+
+    await harness.desk.act(MODERATOR, "ack", case_id)
+    await harness.desk.act(MODERATOR, "handoff", case_id)
+    await harness.desk.act(MODERATOR, "reply", case_id, "Are you safe right now?")
+    await harness.desk.act(MODERATOR, "escalate", case_id, "needs a call")
+    await harness.desk.act(MODERATOR, "resolve", case_id, "safety plan made")
+
+    actions = [action for action, _ in await harness.actions(case_id)]
+    assert actions[2:] == ["acknowledged", "handoff", "reply", "escalated", "notified", "resolved"]
+    assert harness.link.sent[1] == ("u1", "Are you safe right now?")
+    with pytest.raises(ValueError, match="close"):
+        await harness.desk.act(MODERATOR, "close", case_id)
+
+
 async def test_non_moderator_is_refused_and_logged(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
