@@ -21,7 +21,7 @@ import yarl
 from discord import app_commands
 
 from bots.rendering import MarkdownFlavor, split_message
-from bots.runner import AdapterState, InFlight
+from bots.runner import AdapterState, InFlight, tell_reply_cut
 from core import i18n
 from core.config import DiscordSettings
 from core.locks import KeyedLocks
@@ -674,6 +674,12 @@ class DiscordAdapter:
             reply = await self._manager.handle(
                 incoming, on_delta=streamer.on_delta if streamer else None
             )
+        except asyncio.CancelledError:
+            if self._in_flight.cut:
+                await tell_reply_cut(
+                    self._manager, incoming, lambda text: self._send(channel, text)
+                )
+            raise
         finally:
             typing.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -3,7 +3,9 @@
 Shutdown happens in three steps. The first SIGINT or SIGTERM makes every
 adapter stop taking new messages, then the replies already in flight get up to
 ``shutdown_grace_s`` seconds to finish and be stored, then the adapters close.
-A second signal ends the process at once (see ``_exit_now``).
+A reply still running at that limit is cancelled, and its user gets a short
+notice that the message is saved. A second signal ends the process at once
+(see ``_exit_now``).
 """
 
 from __future__ import annotations
@@ -15,16 +17,21 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from core.config import Secrets
 from core.service import Service
+
+if TYPE_CHECKING:
+    from core.manager import ConversationManager, IncomingMessage
 
 _LOGGER = logging.getLogger(__name__)
 
 # How long handlers cancelled at the end of the grace period get to unwind.
 _UNWIND_TIMEOUT_S = 5.0
+# How long a cancelled handler may spend telling its user, within the unwind time.
+_CUT_NOTICE_TIMEOUT_S = 4.0
 
 
 class AdapterState(enum.Enum):
@@ -54,6 +61,8 @@ class InFlight:
         self._tasks: dict[object, asyncio.Task[Any]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        # True once the shutdown grace ran out, so a cancelled handler can tell its user why.
+        self.cut = False
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -85,6 +94,7 @@ class InFlight:
     def cancel_all(self) -> list[asyncio.Task[Any]]:
         """Cancel every handler in flight and return their tasks."""
         tasks = list(set(self._tasks.values()))
+        self.cut = True
         for task in tasks:
             task.cancel()
         return tasks
@@ -96,6 +106,29 @@ class InFlight:
         cancelled = self.cancel_all()
         await asyncio.wait(cancelled, timeout=_UNWIND_TIMEOUT_S)
         return len(cancelled)
+
+
+async def tell_reply_cut(
+    manager: ConversationManager,
+    incoming: IncomingMessage,
+    send: Callable[[str], Awaitable[object]],
+) -> None:
+    """Tell a user whose reply the shutdown cancelled that their message is saved.
+
+    Best effort: a failure or a slow platform is logged and never delays the exit
+    by more than a few seconds.
+    """
+    try:
+        async with asyncio.timeout(_CUT_NOTICE_TIMEOUT_S):
+            notice = await manager.notice(incoming, "reply_cut_by_restart")
+            await send(notice.text)
+    except Exception as exc:
+        _LOGGER.warning(
+            "Telling %s user %s that the shutdown cut their reply failed: %r",
+            incoming.platform,
+            incoming.user_id,
+            exc,
+        )
 
 
 def configured_adapters(service: Service, secrets: Secrets) -> list[Adapter]:
@@ -200,8 +233,8 @@ async def _drain(adapters: list[Adapter], grace_s: float) -> None:
         else:
             cancelled += result
     if cancelled:
-        # The manager commits each user turn before generating, so these turns
-        # stay stored; their users got no reply.
+        # The manager commits each user turn before generating, so these turns stay
+        # stored. Their users got the reply_cut_by_restart notice instead of a reply.
         _LOGGER.warning(
             "The shutdown grace of %g s ran out: cancelled %d replies in flight", grace_s, cancelled
         )

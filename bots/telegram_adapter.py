@@ -55,7 +55,7 @@ from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning
 
 from bots.rendering import MarkdownFlavor, split_message, to_markdown_v2
-from bots.runner import AdapterState, InFlight
+from bots.runner import AdapterState, InFlight, tell_reply_cut
 from core import i18n
 from core.config import TelegramSettings
 from core.errors import PlatformUnavailable
@@ -311,7 +311,8 @@ class TelegramAdapter:
         """Handle every update received so far, for up to ``timeout_s``; return how many were cut.
 
         At the limit, the handlers still running are cancelled, and the updates
-        not yet started are dropped. Their users get no reply.
+        not yet started are dropped. A cancelled handler tells its user that the
+        message is saved, and the users of dropped updates get nothing.
         """
         application = self._application
         processor = self._processor
@@ -685,6 +686,12 @@ class TelegramAdapter:
             reply = await self._manager.handle(
                 incoming, on_delta=streamer.on_delta if streamer else None
             )
+        except asyncio.CancelledError:
+            if self._processor is not None and self._processor.in_flight.cut:
+                await tell_reply_cut(
+                    self._manager, incoming, lambda text: self.send_text(chat_id, text)
+                )
+            raise
         finally:
             typing.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -364,5 +364,8 @@ async def test_shutdown_grace_cancels_slow_reply(running: Harness) -> None:
     cancelled = await running.adapter.drain(0.2)
 
     assert cancelled == 1
-    assert running.server.messages_in(dm.id) == []
+    sent = [message.content for message in running.server.messages_in(dm.id)]
+    assert len(sent) == 1
+    assert "restarting" in sent[0]
+    assert "Your message is saved" in sent[0]
     assert await running.user_turns(DEFAULT_USER.id) == [("user", "Still waiting")]

@@ -153,7 +153,8 @@ async def test_sigterm_during_twenty_replies_loses_none(tmp_path: Path) -> None:
 
 async def test_grace_limit_cancels_replies(tmp_path: Path) -> None:
     database = tmp_path / "cut.db"
-    users = [TgUser(id=9000 + index, first_name=f"User{index}") for index in range(3)]
+    users = [TgUser(id=9000 + index, first_name=f"User{index}") for index in range(2)]
+    users.append(TgUser(id=9002, first_name="User2", language_code="zh-hans"))
 
     # The completions are never released, so every reply outlasts the one-second grace.
     with OpenAIStandIn(default=HeldReply()) as model_server:
@@ -172,8 +173,14 @@ async def test_grace_limit_cancels_replies(tmp_path: Path) -> None:
             finally:
                 await bot.kill()
 
-            # The users see no reply; the typing indicator stops.
-            assert server.sent == []
+            # Each user gets a notice in their language instead of the reply.
+            notices = {user.id: [m.plain_text for m in server.sent_to(user.id)] for user in users}
+            for user in users[:2]:
+                assert len(notices[user.id]) == 1
+                assert "restarting" in notices[user.id][0]
+                assert "Your message is saved" in notices[user.id][0]
+            assert len(notices[users[2].id]) == 1
+            assert "正在重启" in notices[users[2].id][0]
 
     assert returncode == 0, bot.output[-3000:]
     assert "cancelled 3 replies in flight" in bot.output
