@@ -11,10 +11,12 @@ only tests of the other steps do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import enum
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -145,10 +147,7 @@ class ConversationManager:
         received_at = time.perf_counter()
         self._metrics.record_received(message.platform)
         # Per-user order: a second quick message waits until the first is answered.
-        async with (
-            self._user_locks.hold((message.platform, message.user_id)),
-            self._conversation_locks.hold(message.platform, message.user_id),
-        ):
+        async with self._hold_user(message):
             reply = await self._handle(message, on_delta)
         if reply.should_send:
             self._metrics.record_reply(message.platform, time.perf_counter() - received_at)
@@ -156,7 +155,7 @@ class ConversationManager:
 
     async def reset(self, message: IncomingMessage) -> Reply:
         """Close the user's open conversation in this chat; the next message opens a new one."""
-        async with self._user_locks.hold((message.platform, message.user_id)):
+        async with self._hold_user(message):
             async with self._sessions.begin() as session:
                 user = await repository.get_or_create_user(
                     session, platform=message.platform, platform_user_id=message.user_id
@@ -170,7 +169,7 @@ class ConversationManager:
     async def set_locale(self, message: IncomingMessage, value: str) -> Reply:
         """Set the user's reply language from ``zh``, ``zh-CN``, ``en``..., or explain the usage."""
         requested = normalise_locale(value, default="") if value.strip() else ""
-        async with self._user_locks.hold((message.platform, message.user_id)):
+        async with self._hold_user(message):
             async with self._sessions.begin() as session:
                 user = await repository.get_or_create_user(
                     session, platform=message.platform, platform_user_id=message.user_id
@@ -201,7 +200,7 @@ class ConversationManager:
         ``message.revision`` must differ for each edit (Telegram's edit_date
         serves). Prompts use the newest revision in the original turn's place.
         """
-        async with self._user_locks.hold((message.platform, message.user_id)):
+        async with self._hold_user(message):
             text = sanitize_user_text(message.text)
             try:
                 async with self._sessions.begin() as session:
@@ -238,10 +237,7 @@ class ConversationManager:
     async def forget(self, message: IncomingMessage) -> Reply:
         """Delete everything stored about the user and report what was deleted."""
         # The database lock keeps another process from storing a reply after the deletion.
-        async with (
-            self._user_locks.hold((message.platform, message.user_id)),
-            self._conversation_locks.hold(message.platform, message.user_id),
-        ):
+        async with self._hold_user(message):
             locale = await self.user_locale(message)
             async with self._sessions.begin() as session:
                 deleted = await repository.delete_user_data(
@@ -305,7 +301,7 @@ class ConversationManager:
 
     async def set_storage_consent(self, message: IncomingMessage, granted: bool) -> Reply:
         """Record that the user agreed to storage, or withdrew it (with training consent)."""
-        async with self._user_locks.hold((message.platform, message.user_id)):
+        async with self._hold_user(message):
             async with self._sessions.begin() as session:
                 user = await repository.get_or_create_user(
                     session, platform=message.platform, platform_user_id=message.user_id
@@ -327,7 +323,7 @@ class ConversationManager:
 
     async def set_training_consent(self, message: IncomingMessage, granted: bool) -> Reply:
         """Turn the use of the user's conversations for training on or off, at once."""
-        async with self._user_locks.hold((message.platform, message.user_id)):
+        async with self._hold_user(message):
             async with self._sessions.begin() as session:
                 user = await repository.get_or_create_user(
                     session, platform=message.platform, platform_user_id=message.user_id
@@ -342,6 +338,20 @@ class ConversationManager:
         return Reply(kind=ReplyKind.NOTICE, text=i18n.text(key, locale), locale=locale)
 
     # Private API
+
+    @contextlib.asynccontextmanager
+    async def _hold_user(self, message: IncomingMessage) -> AsyncIterator[None]:
+        """Hold the user's lock in this process and, on PostgreSQL, across bot processes.
+
+        Every change to a user's turns, conversations or settings takes it, so that
+        a change made in one process never lands inside another's store, generate
+        and store sequence.
+        """
+        async with (
+            self._user_locks.hold((message.platform, message.user_id)),
+            self._conversation_locks.hold(message.platform, message.user_id),
+        ):
+            yield
 
     def _is_crisis_without_history(self, text: str) -> bool:
         if self._safety is None or not text.strip():

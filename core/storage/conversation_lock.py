@@ -5,6 +5,8 @@ one process, ``KeyedLocks`` runs one user's messages one after another. When
 several bot processes share one PostgreSQL database, ``ConversationLocks``
 also holds a transaction-level advisory lock on the user for the whole
 sequence, so another process cannot store a turn of that user in between.
+Commands that change the user's conversations, language or consent (and
+edits and /forget) take the same lock.
 
 The order of a user's turns is the order in which their messages reached this
 lock. When two processes receive one user's messages at nearly the same

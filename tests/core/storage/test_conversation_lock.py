@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import subprocess
@@ -11,10 +12,15 @@ import textwrap
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.config import PROJECT_ROOT, DatabaseSettings
+from core.generation.base import SamplingParams
+from core.manager import ConversationManager, IncomingMessage
+from core.prompt import PromptBuilder
 from core.storage import db
 from core.storage.conversation_lock import ConversationLocks
+from tests.helpers.fakes import FakeGenerator
 
 USERS = 3
 MESSAGES_PER_USER = 10
@@ -198,3 +204,74 @@ async def test_lock_timeout_proceeds_unlocked(
 def test_sqlite_takes_no_lock(sqlite_url: str) -> None:
     locks = ConversationLocks.create(DatabaseSettings(url=sqlite_url), wait_timeout_s=1)
     assert not locks.enabled
+
+
+def _lock_test_manager(engine: AsyncEngine, locks: ConversationLocks) -> ConversationManager:
+    generator = FakeGenerator()
+    return ConversationManager(
+        session_factory=db.create_session_factory(engine),
+        generator=generator,
+        prompt_builder=PromptBuilder(
+            system_prompts={"en": "You listen."},
+            count_tokens=generator.count_prompt_tokens,
+            context_length=generator.context_length,
+            max_new_tokens=32,
+        ),
+        sampling=SamplingParams(max_new_tokens=32),
+        timeout_s=5.0,
+        conversation_locks=locks,
+    )
+
+
+# Every call that changes a user's turns, conversations or settings, by name.
+USER_CHANGES = {
+    "reset": lambda manager, message: manager.reset(message),
+    "set_locale": lambda manager, message: manager.set_locale(message, "zh"),
+    "handle_edit": lambda manager, message: manager.handle_edit(
+        dataclasses.replace(message, text="edited", revision=1)
+    ),
+    "storage_consent": lambda manager, message: manager.set_storage_consent(message, False),
+    "training_consent": lambda manager, message: manager.set_training_consent(message, True),
+    "forget": lambda manager, message: manager.forget(message),
+}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("change", sorted(USER_CHANGES))
+async def test_user_change_waits_for_lock(postgres_url: str, change: str) -> None:
+    settings = DatabaseSettings(url=postgres_url, lock_pool_size=2)
+    engine = db.create_engine(settings)
+    holder = ConversationLocks.create(settings, wait_timeout_s=10)
+    manager_locks = ConversationLocks.create(settings, wait_timeout_s=10)
+    manager = _lock_test_manager(engine, manager_locks)
+    message = IncomingMessage(
+        platform="telegram", chat_id="5", user_id="5", text="hello", message_id="m1"
+    )
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        # Another bot process in the middle of handling this user's message.
+        async with holder.hold("telegram", "5"):
+            entered.set()
+            await release.wait()
+
+    try:
+        await manager.handle(message)
+        holding = asyncio.create_task(hold())
+        await entered.wait()
+        changing = asyncio.create_task(USER_CHANGES[change](manager, message))
+        await asyncio.sleep(0.3)
+        waited = not changing.done()
+        release.set()
+        await holding
+        async with asyncio.timeout(10):
+            await changing
+    finally:
+        release.set()
+        await holder.dispose()
+        await manager_locks.dispose()
+        await engine.dispose()
+
+    assert waited
+    assert changing.exception() is None
