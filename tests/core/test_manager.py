@@ -10,12 +10,11 @@ import pytest
 from sqlalchemy import select
 
 from core.config import DatabaseSettings
-from core.generation.base import ChatMessage, FinishReason, SamplingParams
-from core.manager import ConversationManager, IncomingMessage, ReplyKind
-from core.prompt import PromptBuilder
+from core.generation.base import ChatMessage, FinishReason
+from core.manager import IncomingMessage, ReplyKind
 from core.storage import db
 from core.storage.models import Conversation, Turn, User
-from tests.helpers.fakes import FakeGenerator
+from tests.helpers.fakes import FakeGenerator, manager_on
 
 SYSTEM = {"en": "You are a kind listener.", "zh-CN": "你是一位温和的倾听者。"}
 
@@ -25,16 +24,10 @@ class Harness:
         self.engine = db.create_engine(DatabaseSettings(url=url, pool_size=10))
         self.sessions = db.create_session_factory(self.engine)
         self.generator = generator
-        self.manager = ConversationManager(
-            session_factory=self.sessions,
-            generator=generator,
-            prompt_builder=PromptBuilder(
-                system_prompts=SYSTEM,
-                count_tokens=generator.count_prompt_tokens,
-                context_length=generator.context_length,
-                max_new_tokens=64,
-            ),
-            sampling=SamplingParams(max_new_tokens=64),
+        self.manager = manager_on(
+            self.sessions,
+            generator,
+            system_prompts=SYSTEM,
             timeout_s=timeout_s,
             history_turns=20,
         )

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.errors import GenerationError
 from core.generation.base import (
@@ -14,6 +17,8 @@ from core.generation.base import (
     Generator,
     SamplingParams,
 )
+from core.manager import ConversationManager
+from core.prompt import PromptBuilder
 
 
 class FakeGenerator(Generator):
@@ -94,3 +99,31 @@ class FakeGenerator(Generator):
             prompt_tokens=self.count_prompt_tokens(messages),
             completion_tokens=len(text.split()),
         )
+
+
+def manager_on(
+    sessions: async_sessionmaker[AsyncSession],
+    generator: Generator,
+    *,
+    system_prompts: dict[str, str] | None = None,
+    max_new_tokens: int = 64,
+    timeout_s: float = 5.0,
+    **options: Any,
+) -> ConversationManager:
+    """Build a conversation manager on ``sessions`` that prompts ``generator`` directly.
+
+    ``options`` go to ConversationManager as they are (safety, pseudonyms, locks...).
+    """
+    return ConversationManager(
+        session_factory=sessions,
+        generator=generator,
+        prompt_builder=PromptBuilder(
+            system_prompts=system_prompts or {"en": "You are a kind listener."},
+            count_tokens=generator.count_prompt_tokens,
+            context_length=generator.context_length,
+            max_new_tokens=max_new_tokens,
+        ),
+        sampling=SamplingParams(max_new_tokens=max_new_tokens),
+        timeout_s=timeout_s,
+        **options,
+    )

@@ -9,14 +9,12 @@ import pytest
 from sqlalchemy import func, select
 
 from core.config import DatabaseSettings
-from core.generation.base import SamplingParams
-from core.manager import ConversationManager, IncomingMessage, ReplyKind
+from core.manager import IncomingMessage, ReplyKind
 from core.privacy.export import export_conversations, iter_export
-from core.prompt import PromptBuilder
 from core.pseudonym import Pseudonymizer
 from core.storage import db
 from core.storage.models import SafetyCase, Turn, User
-from tests.helpers.fakes import FakeGenerator
+from tests.helpers.fakes import FakeGenerator, manager_on
 from tests.helpers.safety import RecordingLink, build_guard
 
 PSEUDONYMS = Pseudonymizer(b"consent-test-key-0123456789abcdef")
@@ -30,17 +28,10 @@ class Harness:
         self.guard = build_guard(self.sessions)
         self.link = RecordingLink()
         self.guard.desk.register_link(self.link)
-        self.manager = ConversationManager(
-            session_factory=self.sessions,
-            generator=self.generator,
-            prompt_builder=PromptBuilder(
-                system_prompts={"en": "Listen.", "zh-CN": "倾听。"},
-                count_tokens=self.generator.count_prompt_tokens,
-                context_length=self.generator.context_length,
-                max_new_tokens=64,
-            ),
-            sampling=SamplingParams(max_new_tokens=64),
-            timeout_s=5.0,
+        self.manager = manager_on(
+            self.sessions,
+            self.generator,
+            system_prompts={"en": "Listen.", "zh-CN": "倾听。"},
             safety=self.guard,
             pseudonyms=PSEUDONYMS,
             require_consent=True,

@@ -12,15 +12,13 @@ import pytest
 from sqlalchemy import select, update
 
 from core.config import DatabaseSettings
-from core.generation.base import SamplingParams
-from core.manager import ConversationManager, IncomingMessage
+from core.manager import IncomingMessage
 from core.privacy import export as export_module
 from core.privacy.export import export_conversations, iter_export, purge_old_turns
-from core.prompt import PromptBuilder
 from core.pseudonym import Pseudonymizer
 from core.storage import db
 from core.storage.models import ExportRecord, RetentionRun, Tombstone, Turn, User
-from tests.helpers.fakes import FakeGenerator
+from tests.helpers.fakes import FakeGenerator, manager_on
 
 PSEUDONYMS = Pseudonymizer(b"export-test-key-0123456789abcdef")
 
@@ -32,18 +30,8 @@ class Harness:
         self.out_dir = out_dir
         generator = FakeGenerator(context_length=800)
         self.generator = generator
-        self.manager = ConversationManager(
-            session_factory=self.sessions,
-            generator=generator,
-            prompt_builder=PromptBuilder(
-                system_prompts={"en": "Listen kindly."},
-                count_tokens=generator.count_prompt_tokens,
-                context_length=generator.context_length,
-                max_new_tokens=64,
-            ),
-            sampling=SamplingParams(max_new_tokens=64),
-            timeout_s=5.0,
-            pseudonyms=PSEUDONYMS,
+        self.manager = manager_on(
+            self.sessions, generator, system_prompts={"en": "Listen kindly."}, pseudonyms=PSEUDONYMS
         )
 
     async def say(self, user: str, text: str) -> None:

@@ -10,14 +10,12 @@ import pytest
 from sqlalchemy import select, update
 
 from core.config import BreakReminderSettings, DatabaseSettings
-from core.generation.base import SamplingParams
-from core.manager import ConversationManager, IncomingMessage, ReplyKind
-from core.prompt import PromptBuilder
+from core.manager import IncomingMessage, ReplyKind
 from core.safety.desk import Actor
 from core.safety.screening import RiskLevel
 from core.storage import db
 from core.storage.models import CaseAction, CaseStatus, Conversation, SafetyCase, Turn, User
-from tests.helpers.fakes import FakeGenerator
+from tests.helpers.fakes import FakeGenerator, manager_on
 from tests.helpers.safety import RecordingLink, build_guard
 
 SYSTEM = {"en": "You are a kind listener.", "zh-CN": "你是一位温和的倾听者。"}
@@ -44,17 +42,10 @@ class Harness:
         self.guard = build_guard(self.sessions, now=self.clock, **safety_overrides)
         self.link = RecordingLink()
         self.guard.desk.register_link(self.link)
-        self.manager = ConversationManager(
-            session_factory=self.sessions,
-            generator=self.generator,
-            prompt_builder=PromptBuilder(
-                system_prompts=SYSTEM,
-                count_tokens=self.generator.count_prompt_tokens,
-                context_length=self.generator.context_length,
-                max_new_tokens=64,
-            ),
-            sampling=SamplingParams(max_new_tokens=64),
-            timeout_s=5.0,
+        self.manager = manager_on(
+            self.sessions,
+            self.generator,
+            system_prompts=SYSTEM,
             safety=self.guard,
             break_reminder=BreakReminderSettings(),
         )

@@ -12,15 +12,12 @@ import textwrap
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.config import PROJECT_ROOT, DatabaseSettings
-from core.generation.base import SamplingParams
-from core.manager import ConversationManager, IncomingMessage
-from core.prompt import PromptBuilder
+from core.manager import IncomingMessage
 from core.storage import db
 from core.storage.conversation_lock import ConversationLocks
-from tests.helpers.fakes import FakeGenerator
+from tests.helpers.fakes import FakeGenerator, manager_on
 
 USERS = 3
 MESSAGES_PER_USER = 10
@@ -34,7 +31,7 @@ BOT_PROCESS = textwrap.dedent(
     from core.config import load_secrets, load_settings
     from core.manager import IncomingMessage
     from core.service import Service
-    from tests.helpers.fakes import FakeGenerator
+    from tests.helpers.fakes import FakeGenerator, manager_on
 
     async def send(manager, user, process_index, messages):
         for index in range(process_index, messages, 2):
@@ -206,23 +203,6 @@ def test_sqlite_takes_no_lock(sqlite_url: str) -> None:
     assert not locks.enabled
 
 
-def _lock_test_manager(engine: AsyncEngine, locks: ConversationLocks) -> ConversationManager:
-    generator = FakeGenerator()
-    return ConversationManager(
-        session_factory=db.create_session_factory(engine),
-        generator=generator,
-        prompt_builder=PromptBuilder(
-            system_prompts={"en": "You listen."},
-            count_tokens=generator.count_prompt_tokens,
-            context_length=generator.context_length,
-            max_new_tokens=32,
-        ),
-        sampling=SamplingParams(max_new_tokens=32),
-        timeout_s=5.0,
-        conversation_locks=locks,
-    )
-
-
 # Every call that changes a user's turns, conversations or settings, by name.
 USER_CHANGES = {
     "reset": lambda manager, message: manager.reset(message),
@@ -243,7 +223,9 @@ async def test_user_change_waits_for_lock(postgres_url: str, change: str) -> Non
     engine = db.create_engine(settings)
     holder = ConversationLocks.create(settings, wait_timeout_s=10)
     manager_locks = ConversationLocks.create(settings, wait_timeout_s=10)
-    manager = _lock_test_manager(engine, manager_locks)
+    manager = manager_on(
+        db.create_session_factory(engine), FakeGenerator(), conversation_locks=manager_locks
+    )
     message = IncomingMessage(
         platform="telegram", chat_id="5", user_id="5", text="hello", message_id="m1"
     )
