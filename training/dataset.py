@@ -16,7 +16,7 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,26 +113,30 @@ def split_of(key: str, ratios: Mapping[str, float]) -> str:
     return SPLITS[-1]
 
 
-def read_examples(
-    path: Path, source: str, tombstones: set[str], report: BuildReport
-) -> Iterable[Example]:
+def jsonl_items(path: Path, dropped: Counter[str]) -> Iterator[Any]:
+    """Yield the parsed lines of a JSONL file, skipping blank ones and counting invalid JSON."""
     with path.open(encoding="utf-8") as file:
         for line in file:
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
+                yield json.loads(line)
             except json.JSONDecodeError:
-                report.dropped["invalid JSON"] += 1
-                continue
-            if isinstance(item, dict) and item.get("user") in tombstones:
-                report.dropped["tombstoned"] += 1
-                continue
-            turns, reason = validate(item)
-            if turns is None:
-                report.dropped[reason or "invalid"] += 1
-                continue
-            yield Example(turns, source, language_of(turns), dialogue_key(turns))
+                dropped["invalid JSON"] += 1
+
+
+def read_examples(
+    path: Path, source: str, tombstones: set[str], report: BuildReport
+) -> Iterable[Example]:
+    for item in jsonl_items(path, report.dropped):
+        if isinstance(item, dict) and item.get("user") in tombstones:
+            report.dropped["tombstoned"] += 1
+            continue
+        turns, reason = validate(item)
+        if turns is None:
+            report.dropped[reason or "invalid"] += 1
+            continue
+        yield Example(turns, source, language_of(turns), dialogue_key(turns))
 
 
 def mix(

@@ -21,6 +21,7 @@ import math
 import resource
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer
 
 from core.errors import ConfigError
-from training.dataset import file_sha256, validate
+from training.dataset import file_sha256, jsonl_items, validate
 from training.recipe import Recipe
 from training.tokenize import IGNORE_INDEX, Sample, build_samples
 
@@ -91,34 +92,23 @@ class TokenisedDialogues(Dataset):
 
     def __init__(self, path: Path, tokenizer: Any, max_length: int) -> None:
         self.samples: list[Sample] = []
-        self.dropped: dict[str, int] = {}
+        self.dropped: Counter[str] = Counter()
         self.dialogues = 0
-        with path.open(encoding="utf-8") as file:
-            for line in file:
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError:
-                    self._drop("not JSON")
-                    continue
-                conversations, reason = validate(item)
-                if conversations is None:
-                    self._drop(reason or "invalid")
-                    continue
-                samples = build_samples(tokenizer, conversations, max_length)
-                if not samples:
-                    self._drop("no exchange fits max_input_length + max_output_length")
-                    continue
-                self.dialogues += 1
-                self.samples.extend(samples)
+        for item in jsonl_items(path, self.dropped):
+            conversations, reason = validate(item)
+            if conversations is None:
+                self.dropped[reason or "invalid"] += 1
+                continue
+            samples = build_samples(tokenizer, conversations, max_length)
+            if not samples:
+                self.dropped["no exchange fits max_input_length + max_output_length"] += 1
+                continue
+            self.dialogues += 1
+            self.samples.extend(samples)
         if not self.samples:
             raise TrainingError(
                 f"{str(path)!r} contains no dialogue that can be trained on; check its format."
             )
-
-    def _drop(self, reason: str) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
     def __len__(self) -> int:
         return len(self.samples)
