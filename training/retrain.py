@@ -54,6 +54,8 @@ class Decision:
     current_version: str | None = None
     # Scored dialogues and judge errors per side.
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    # The base model each side answered with: the current adapter keeps the base it was trained on.
+    base_models: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -204,16 +206,22 @@ async def retrain(
     )
 
     current = await adapter_versions.promoted(sessions)
+    # Each side is (base model, adapter or None, label). The current adapter answers on the
+    # base it was trained on, which differs from the recipe's after a change of base model.
     sides = {
-        "candidate": (adapter_dir, version),
-        "current": (Path(current.path), current.version) if current else (None, "base"),
+        "candidate": (recipe.model, adapter_dir, version),
+        "current": (
+            (current.base_model, Path(current.path), current.version)
+            if current
+            else (recipe.model, None, "base")
+        ),
     }
     means: dict[str, dict[str, float | None]] = {}
     counts: dict[str, dict[str, int]] = {}
-    for side, (adapter, label) in sides.items():
+    for side, (base_model, adapter, label) in sides.items():
         dialogues_path = work_dir / f"eval-{side}.jsonl"
         await _answer_eval_dialogues(
-            settings, secrets, recipe.model, adapter, label, eval_file, dialogues_path
+            settings, secrets, base_model, adapter, label, eval_file, dialogues_path
         )
         summary = await _score(settings, secrets, sessions, dialogues_path, label)
         means[side] = summary.means()
@@ -223,6 +231,7 @@ async def retrain(
     decision.candidate_version = version
     decision.current_version = current.version if current else None
     decision.counts = counts
+    decision.base_models = {side: base for side, (base, _, _) in sides.items()}
     await adapter_versions.set_scores(
         sessions, version, {"means": means["candidate"], **counts["candidate"]}
     )
@@ -367,6 +376,8 @@ def format_decision(decision: Decision) -> str:
         lines.append(f"  {name:22} candidate {shown_new}  current {shown_old}")
     for side, values in decision.counts.items():
         lines.append(f"  {side}: {values['scored']} scores, {values['judge_errors']} judge errors")
+    if len(set(decision.base_models.values())) > 1:
+        lines += [f"  {side} base model: {base}" for side, base in decision.base_models.items()]
     lines += [f"  rejected because {reason}" for reason in decision.reasons]
     if decision.promote:
         lines.append(

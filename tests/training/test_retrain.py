@@ -16,7 +16,7 @@ from core.storage.models import AdapterStatus
 from tests.helpers.tiny_model import build_tiny_chat_model
 from tests.training.test_train import write_dialogues
 from training import retrain as retrain_module
-from training.retrain import decide, retrain
+from training.retrain import decide, format_decision, retrain
 from training.rubric import CRITERIA, ScoreSummary
 
 SAME = dict.fromkeys(CRITERIA, 3.5)
@@ -148,6 +148,33 @@ async def test_retrain_promotes_then_rejects(
     assert [d["conversations"][0] for d in candidate] == [d["conversations"][0] for d in current]
     assert current[0]["adapter_version"] == "v1"
     assert json.loads((work / "decision.json").read_text())["promote"] is False
+
+
+async def test_current_adapter_keeps_its_base(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = retrain_settings(tmp_path, tiny_model)
+    await db.upgrade_async(settings.database.url)
+    engine = db.create_engine(settings.database)
+    sessions = db.create_session_factory(engine)
+    new_base = build_tiny_chat_model(tmp_path / "new-base", seed=1, max_position_embeddings=4096)
+    try:
+        stub_scores(monkeypatch, {"candidate": SAME, "current": SAME})
+        await retrain(settings, Secrets(), sessions, version="v1")
+        # The operator moves the recipe to another base model.
+        recipe_path = Path(settings.retrain.recipe)
+        recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
+        recipe["model"] = str(new_base)
+        recipe_path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+        second = await retrain(settings, Secrets(), sessions, version="v2")
+    finally:
+        await engine.dispose()
+
+    assert second.decision.current_version == "v1"
+    assert second.decision.base_models == {"candidate": str(new_base), "current": str(tiny_model)}
+    shown = format_decision(second.decision)
+    assert f"current base model: {tiny_model}" in shown
+    assert f"candidate base model: {new_base}" in shown
 
 
 def test_retrain_command_shows_figures(
