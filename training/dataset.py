@@ -3,8 +3,9 @@
 Every line is checked for known roles, an optional system turn first and no
 empty content. Consecutive turns of one role are merged, and assistant turns
 before the first user turn and a trailing unanswered user turn are dropped.
-Dialogues without a complete exchange, duplicates and tombstoned users'
-dialogues are left out, each with its reason counted. The split is by a hash
+Dialogues without a complete exchange, duplicates, dialogues that begin a
+longer one (a conversation exported again after it went on) and tombstoned
+users' dialogues are left out, each with its reason counted. The split is by a hash
 of the dialogue, so the same dialogue lands in the same split in every build
 and never in two.
 """
@@ -139,6 +140,37 @@ def read_examples(
         yield Example(turns, source, language_of(turns), dialogue_key(turns))
 
 
+def drop_prefixes(examples: list[Example], report: BuildReport) -> list[Example]:
+    """Leave out every dialogue whose turns begin another, longer dialogue.
+
+    An export holds each conversation with new turns whole, so a conversation that
+    goes on across exports comes back longer each time. Only the longest copy is
+    kept, which also keeps a shorter copy out of the test split while the longer
+    one trains.
+    """
+    prefixes: set[bytes] = set()
+    full: list[bytes] = []
+    for example in examples:
+        signatures = _prefix_signatures(example.conversations)
+        prefixes.update(signatures[:-1])
+        full.append(signatures[-1])
+    kept = [example for example, key in zip(examples, full, strict=True) if key not in prefixes]
+    if len(kept) < len(examples):
+        report.dropped["beginning of a longer dialogue"] += len(examples) - len(kept)
+    return kept
+
+
+def _prefix_signatures(turns: list[dict[str, str]]) -> list[bytes]:
+    """Return a digest of the first 1, 2, ... n turns, with white space normalised."""
+    digest = hashlib.sha256()
+    signatures = []
+    for turn in turns:
+        content = " ".join(turn["content"].split())
+        digest.update(json.dumps([turn["role"], content], ensure_ascii=False).encode("utf-8"))
+        signatures.append(digest.copy().digest())
+    return signatures
+
+
 def mix(
     examples: list[Example], language_ratios: Mapping[str, float] | None, seed: int
 ) -> list[Example]:
@@ -183,7 +215,9 @@ def build_dataset(
                 continue
             seen.add(example.key)
             examples.append(example)
-            report.kept[source] += 1
+    examples = drop_prefixes(examples, report)
+    for example in examples:
+        report.kept[example.source] += 1
     mixed = mix(examples, language_ratios, seed)
     report.dropped["mixing (language ratios)"] += len(examples) - len(mixed)
 

@@ -128,6 +128,32 @@ def test_build_dedupes_applies_tombstones_and_splits(tmp_path: Path) -> None:
         ).read_text()
 
 
+def test_build_keeps_longest_exported_copy(tmp_path: Path) -> None:
+    first = dialogue("I can't sleep", "That sounds exhausting. Since when?")
+    longer = dialogue(
+        "I can't sleep", "That sounds exhausting. Since when?", "Two weeks", "What changed then?"
+    )
+    # Same opening question, another answer: a different dialogue, kept.
+    other = dialogue("I can't sleep", "Tell me about your evenings.")
+    sources = [
+        ("export", write_jsonl(tmp_path / "export-1.jsonl", [{**first, "user": "u-1"}, other])),
+        ("export", write_jsonl(tmp_path / "export-2.jsonl", [{**longer, "user": "u-1"}])),
+    ]
+
+    report = build_dataset(sources, tmp_path / "dataset")
+
+    assert report.dropped["beginning of a longer dialogue"] == 1
+    assert report.kept["export"] == 2
+    written = [
+        json.loads(line)["conversations"]
+        for name in ("train", "validation", "test")
+        for line in (tmp_path / "dataset" / f"{name}.jsonl").open()
+    ]
+    assert len(written) == 2
+    assert longer["conversations"] in written
+    assert other["conversations"] in written
+
+
 def labelled_text(tokenizer, sample) -> list[str]:
     """Return the labelled runs of a sample, decoded."""
     runs, current = [], []
