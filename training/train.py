@@ -69,13 +69,16 @@ class TrainResult:
     eval_loss_before: float | None
     eval_loss_after: float | None
     train_seconds: float
-    # Non-padding tokens of the batches trained on, per second of training.
+    # Non-padding tokens of the batches trained on, per second of training, summed over
+    # all processes.
     tokens_per_second: float
     peak_memory_mb: float
     device: str
     precision: str
-    # Processes training together (more than one under `accelerate launch`); the figures above
-    # are this process's own.
+    # Non-padding tokens of the batches trained on, summed over all processes.
+    trained_tokens: int = 0
+    # Processes training together (more than one under `accelerate launch`). Peak memory and
+    # the dropped dialogues are this process's own.
     processes: int = 1
     is_main_process: bool = True
     log: list[dict[str, Any]] = field(default_factory=list)
@@ -312,6 +315,11 @@ def train(
     started = time.perf_counter()
     outcome = trainer.train(resume_from_checkpoint=resume or None)
     train_seconds = time.perf_counter() - started
+    trained_tokens = trainer.tokens_seen
+    if arguments.world_size > 1:
+        # A collective call: every process reaches it after train().
+        total = torch.tensor(trained_tokens, device=arguments.device)
+        trained_tokens = int(trainer.accelerator.reduce(total, reduction="sum").item())
     eval_after = trainer.evaluate()["eval_loss"] if val_set is not None else None
 
     adapter_dir = output_dir / ADAPTER_DIR
@@ -326,7 +334,8 @@ def train(
         eval_loss_before=eval_before,
         eval_loss_after=eval_after,
         train_seconds=round(train_seconds, 3),
-        tokens_per_second=round(trainer.tokens_seen / train_seconds, 1) if train_seconds else 0.0,
+        tokens_per_second=round(trained_tokens / train_seconds, 1) if train_seconds else 0.0,
+        trained_tokens=trained_tokens,
         peak_memory_mb=round(peak_memory_mb(arguments.device), 1),
         device=str(arguments.device),
         precision=str(dtype).removeprefix("torch.")
@@ -482,12 +491,13 @@ def print_summary(result: TrainResult, out: Any = None) -> None:
     def loss(value: float | None) -> str:
         return f"{value:.4f}" if value is not None else "-"
 
+    processes = f" in {result.processes} processes" if result.processes > 1 else ""
+    memory_of = " (process 1)" if result.processes > 1 else ""
     print(
         f"Trained {result.steps} steps on {result.train_samples} samples in "
-        f"{result.train_seconds:.0f} s ({result.tokens_per_second:.0f} tokens/s, peak memory "
-        f"{result.peak_memory_mb:.0f} MiB, {result.device}, {result.precision}"
-        + (f", process 1 of {result.processes}" if result.processes > 1 else "")
-        + ")",
+        f"{result.train_seconds:.0f} s ({result.trained_tokens} tokens{processes}, "
+        f"{result.tokens_per_second:.0f} tokens/s, peak memory{memory_of} "
+        f"{result.peak_memory_mb:.0f} MiB, {result.device}, {result.precision})",
         file=out,
     )
     if result.eval_loss_before is not None:

@@ -93,9 +93,7 @@ def measure_mindharbor(recipe_path: Path, output_dir: Path) -> dict[str, Any]:
         "side": "mindharbor",
         "tokens_per_second": result.tokens_per_second,
         "train_seconds": result.train_seconds,
-        # TrainResult has no token count, so this product of two rounded figures can be off
-        # by a few tokens.
-        "tokens": round(result.tokens_per_second * result.train_seconds),
+        "tokens": result.trained_tokens,
         # Taken right after Trainer.train(), before the adapter is saved and checked, the same
         # point as on the plain side.
         "peak_memory_mib": result.peak_memory_mb,

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from transformers import AutoTokenizer
 
 from tests.helpers.tiny_model import build_tiny_chat_model
 from tests.training.test_train import write_dialogues
+from training.train import TokenisedDialogues
 
 
 def test_train_under_accelerate_launch(tmp_path: Path) -> None:
@@ -57,7 +59,7 @@ def test_train_under_accelerate_launch(tmp_path: Path) -> None:
     assert "Process 2 of 2" in output
     # One summary, from the main process.
     assert output.count("Trained 4 steps") == 1
-    assert "process 1 of 2" in output
+    assert "tokens in 2 processes" in output
     result = json.loads((tmp_path / "run" / "training.json").read_text())
     assert result["processes"] == 2
     # Each step took two samples per process: twice the epoch share of one process.
@@ -65,3 +67,10 @@ def test_train_under_accelerate_launch(tmp_path: Path) -> None:
     final = [entry for entry in log if "train_loss" in entry][-1]
     assert final["epoch"] == pytest.approx(4 * 2 * 2 / result["train_samples"], rel=0.02)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    # The token count covers both processes' 4 x 2 samples, not the main process's 8.
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    lengths = [
+        len(sample.input_ids)
+        for sample in TokenisedDialogues(data / "train.jsonl", tokenizer, 64 + 32).samples
+    ]
+    assert 16 * min(lengths) <= result["trained_tokens"] <= 16 * max(lengths)

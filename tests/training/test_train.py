@@ -106,6 +106,7 @@ def test_short_run_lowers_validation_loss(tmp_path: Path, tiny_model: Path, data
     assert result.steps == 12
     assert result.dropped == {"unknown role": 1, "invalid JSON": 1}
     assert result.tokens_per_second > 0
+    assert result.trained_tokens > 0
     logged = [
         json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     ]
