@@ -20,8 +20,8 @@ import discord
 import yarl
 from discord import app_commands
 
+from bots.lifecycle import AdapterState, InFlight, tell_reply_cut
 from bots.rendering import MarkdownFlavor, split_message
-from bots.runner import AdapterState, InFlight, tell_reply_cut
 from core import i18n
 from core.config import DiscordSettings
 from core.locks import KeyedLocks

@@ -54,8 +54,8 @@ from telegram.ext import (
 from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning
 
+from bots.lifecycle import AdapterState, InFlight, tell_reply_cut
 from bots.rendering import MarkdownFlavor, split_message, to_markdown_v2
-from bots.runner import AdapterState, InFlight, tell_reply_cut
 from core import i18n
 from core.config import TelegramSettings
 from core.errors import PlatformUnavailable

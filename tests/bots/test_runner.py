@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from bots.runner import InFlight, run_until_stopped
+from bots.lifecycle import InFlight
+from bots.runner import run_until_stopped
 
 
 class RecordingAdapter:
