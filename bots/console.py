@@ -204,6 +204,12 @@ async def replay(
 
     async def play(dialogue: Dialogue, user_id: str) -> None:
         async with semaphore:
+            # Replay users are the operator's test users, so they agree to storage up front,
+            # as a person would with /agree; otherwise require_consent stores nothing.
+            await manager.set_storage_consent(
+                IncomingMessage(platform=PLATFORM, chat_id="replay", user_id=user_id, text=""),
+                True,
+            )
             for number, text in enumerate(dialogue.user_turns):
                 message = IncomingMessage(
                     platform=PLATFORM,

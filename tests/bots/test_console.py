@@ -105,6 +105,22 @@ async def test_replay_limit(service: Service, tmp_path: Path) -> None:
     assert report.user_turns == 3
 
 
+async def test_replay_with_consent_required(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MINDHARBOR_PRIVACY__REQUIRE_CONSENT", raising=False)
+    settings = Settings(database=DatabaseSettings(url=f"sqlite+aiosqlite:///{tmp_path / 'r.db'}"))
+    path = tmp_path / "dialogues.jsonl"
+    write_dialogues(path)
+
+    async with Service(settings, Secrets(), generator=FakeGenerator()) as service:
+        assert service.settings.privacy.require_consent
+        report = await console.replay(service, path, stdout=io.StringIO())
+
+    assert report.replies == 4
+    assert report.stored_turns == 8
+
+
 async def test_console_consent_and_forget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MINDHARBOR_PRIVACY__REQUIRE_CONSENT", raising=False)
     settings = Settings(database=DatabaseSettings(url=f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"))
