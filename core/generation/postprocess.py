@@ -93,7 +93,10 @@ def clean_reply(text: str, markers: Sequence[str]) -> CleanedReply:
     """Apply every clean-up step to a finished reply."""
     text, cut = cut_at_markers(text, markers)
     text, trimmed = trim_repetition(text)
-    return CleanedReply(text=text.strip(), cut_at_marker=cut, repetition_trimmed=trimmed)
+    # A reply cut at the token limit can end inside a character whose bytes span two tokens,
+    # and decoding its first bytes alone gives U+FFFD, the replacement character.
+    text = text.strip().rstrip("\ufffd").rstrip()
+    return CleanedReply(text=text, cut_at_marker=cut, repetition_trimmed=trimmed)
 
 
 def defuse_markers(text: str) -> str:

@@ -72,6 +72,12 @@ def test_ordinary_text_not_trimmed(text: str) -> None:
     assert trim_repetition(text) == (text, False)
 
 
+def test_clean_reply_drops_partial_character() -> None:
+    cleaned = clean_reply("我明白你的感受，這段時間雙大\ufffd", MARKERS)
+
+    assert cleaned.text == "我明白你的感受，這段時間雙大"
+
+
 def test_clean_reply_applies_both_steps() -> None:
     cleaned = clean_reply("  Breathe. Breathe slowly. Breathe slowly.<|user|>hi", MARKERS)
     assert cleaned.text == "Breathe. Breathe slowly."
