@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import json
 import logging
+import signal
 import statistics
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from sqlalchemy import func, select
 
@@ -51,7 +54,7 @@ async def run_interactive(
 
     while True:
         print("> ", end="", file=stdout, flush=True)
-        line = await asyncio.to_thread(stdin.readline)
+        line = await _read_line(stdin)
         if not line:
             print(file=stdout)
             return
@@ -72,6 +75,62 @@ async def run_interactive(
         printer = _ReplyPrinter(stdout)
         reply = await manager.handle(message, on_delta=printer.on_delta)
         printer.finish(reply)
+
+
+async def _read_line(stdin: TextIO) -> str:
+    """Read one line in a daemon thread, so that a stop signal need not wait for the user.
+
+    The default executor of asyncio.to_thread is joined when the event loop closes, and a
+    thread blocked on a terminal would keep the process alive until the next Enter.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[str] = loop.create_future()
+
+    def read() -> None:
+        try:
+            line = stdin.readline()
+        except (OSError, ValueError) as exc:
+            loop.call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, future, line, None)
+
+    threading.Thread(target=read, name="console-stdin", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future[str], line: str | None, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(line or "")
+
+
+async def run_until_terminated(chat: Coroutine[Any, Any, None]) -> None:
+    """Run a console chat until it ends or SIGTERM arrives, and then end it quietly.
+
+    A reply in progress at SIGTERM is cancelled. Its user turn is already stored.
+    """
+    loop = asyncio.get_running_loop()
+    terminated = asyncio.Event()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGTERM, terminated.set)
+    task = asyncio.ensure_future(chat)
+    waiter = asyncio.ensure_future(terminated.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGTERM)
+        waiter.cancel()
+    if not task.done():
+        _LOGGER.info("Received SIGTERM: ending the console chat")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return
+    task.result()
 
 
 class _ReplyPrinter:

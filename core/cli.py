@@ -253,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     interactive_chat = args.command == "chat" and args.replay is None and not args.verbose
+    # Log lines would break into the conversation on the terminal; --verbose shows them.
     configure_logging(
-        "WARNING" if interactive_chat else settings.log_level,
+        "CRITICAL" if interactive_chat else settings.log_level,
         settings.log_format,
         secret_values(settings, load_secrets()),
     )
@@ -331,7 +332,9 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
                 service, args.replay, limit=args.limit, concurrency=args.concurrency
             )
             return 0 if report.user_turns and report.apologies == 0 else 1
-        await console.run_interactive(service, locale_hint=args.lang or os.environ.get("LANG"))
+        await console.run_until_terminated(
+            console.run_interactive(service, locale_hint=args.lang or os.environ.get("LANG"))
+        )
     return 0
 
 
@@ -341,12 +344,23 @@ async def _run(settings: Settings) -> int:
     from core.service import Service
 
     secrets = load_secrets()
+    if secrets.telegram_bot_token is None and secrets.discord_bot_token is None:
+        if not sys.stdin.isatty():
+            # In a container or under a service manager the console chat would end at once.
+            print(
+                "mindharbor: no platform credentials are set and there is no terminal for the "
+                "console chat; set TELEGRAM_BOT_TOKEN or DISCORD_BOT_TOKEN",
+                file=sys.stderr,
+            )
+            return 2
     async with Service(settings, secrets) as service:
         adapters = runner.configured_adapters(service, secrets)
         async with observability.serve_service(service, adapters):  # type: ignore[arg-type]
             if not adapters:
                 _LOGGER.info("No platform credentials are set; starting the console chat")
-                await console.run_interactive(service, locale_hint=os.environ.get("LANG"))
+                await console.run_until_terminated(
+                    console.run_interactive(service, locale_hint=os.environ.get("LANG"))
+                )
                 return 0
             await runner.run_until_stopped(adapters, grace_s=settings.shutdown_grace_s)
     return 0

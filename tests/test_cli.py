@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -177,3 +178,44 @@ def test_generate_eval_plays_held_out_user_turns(tmp_path: Path, cli_env: dict[s
         roles = [turn["role"] for turn in generated["conversations"]]
         assert roles == ["user", "assistant"] * len(user_turns)
         assert generated["adapter_version"] == "tiny-chat"
+
+
+def test_run_without_tokens_or_terminal(cli_env: dict[str, str]) -> None:
+    assert "TELEGRAM_BOT_TOKEN" not in os.environ
+    assert "DISCORD_BOT_TOKEN" not in os.environ
+    result = run_cli("run", env=cli_env)
+
+    assert result.returncode == 2
+    assert "no platform credentials are set" in result.stderr
+    assert "TELEGRAM_BOT_TOKEN" in result.stderr
+
+
+def test_console_chat_ends_on_sigterm(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "core.cli", "chat"],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **cli_env},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write("I feel tired\n")
+        process.stdin.flush()
+        # The prompt after the reply: the chat waits for the next line, with stdin still open.
+        output = ""
+        while output.count("> ") < 2:
+            character = process.stdout.read(1)
+            assert character, process.stderr.read() if process.stderr else ""
+            output += character
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    assert returncode == 0
+    contents = [content for _, role, content in stored_turns(tmp_path / "cli.db") if role == "user"]
+    assert contents == ["I feel tired"]
