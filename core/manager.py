@@ -442,12 +442,15 @@ class ConversationManager:
             )
         except (GenerationError, TimeoutError) as exc:
             # GenerationTimeout is a TimeoutError too.
-            self._metrics.record_generation_error(timed_out=isinstance(exc, TimeoutError))
+            timed_out = isinstance(exc, TimeoutError)
+            self._metrics.record_generation_error(timed_out=timed_out)
+            # asyncio's own timeout error has an empty message.
+            detail = str(exc) or (f"timed out after {self._timeout_s:g} s" if timed_out else "")
             _LOGGER.warning(
                 "Generation failed for conversation %s: %s: %s",
                 stored.conversation_id,
                 type(exc).__name__,
-                exc,
+                detail,
             )
             return self._apology(reply, started, message)
         except Exception:

@@ -229,15 +229,19 @@ async def test_generator_failure_gives_apology_and_keeps_turn(
     assert "are you there" not in caplog.text
 
 
-async def test_generator_timeout_gives_apology(database_url: str) -> None:
+async def test_generator_timeout_gives_apology(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     harness = Harness(database_url, FakeGenerator(context_length=400), timeout_s=0.3)
     harness.generator.hang = True
     try:
-        reply = await harness.manager.handle(message("hello?", locale_hint="zh-hans"))
+        with caplog.at_level(logging.WARNING, logger="core.manager"):
+            reply = await harness.manager.handle(message("hello?", locale_hint="zh-hans"))
 
         assert reply.kind is ReplyKind.APOLOGY
         assert reply.text.startswith("抱歉")
         assert [turn.content for turn in await harness.turns()] == ["hello?"]
+        assert "TimeoutError: timed out after 0.3 s" in caplog.text
     finally:
         await harness.engine.dispose()
 
