@@ -93,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     source = score.add_mutually_exclusive_group(required=True)
     source.add_argument("--file", type=Path, help="dialogues in the training format (JSONL)")
     source.add_argument(
-        "--export", type=Path, metavar="DIR", help="the newest export in DIR (an export folder)"
+        "--export",
+        type=Path,
+        metavar="DIR",
+        help="the newest export in DIR (an export folder) that contains dialogues",
     )
     source.add_argument(
         "--pairs",
@@ -408,10 +411,14 @@ async def _score(args: argparse.Namespace, settings: Settings) -> int:
             path = args.file
             if args.export is not None:
                 exports = sorted(args.export.glob("export-*.jsonl"))
-                if not exports:
-                    print(f"mindharbor: no export in {str(args.export)!r}", file=sys.stderr)
+                # An export of a quiet week is empty; the newest one with dialogues is scored.
+                with_dialogues = [export for export in exports if export.stat().st_size > 0]
+                if not with_dialogues:
+                    state = "only empty exports" if exports else "no export"
+                    print(f"mindharbor: {state} in {str(args.export)!r}", file=sys.stderr)
                     return 2
-                path = exports[-1]
+                path = with_dialogues[-1]
+                print(f"Scoring {path.name}")
             if not path.is_file():
                 print(f"mindharbor: dialogue file {str(path)!r} not found", file=sys.stderr)
                 return 2

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from core.config import PROJECT_ROOT
+from tests.helpers.openai_standin import OpenAIStandIn, Reply
 from tests.helpers.tiny_model import build_tiny_chat_model
 
 HOLDOUT = PROJECT_ROOT.parent / "shared" / "data" / "holdout" / "counselling_zh_holdout.jsonl"
@@ -119,8 +120,6 @@ def test_missing_replay_file(cli_env: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_score_command_with_openai_judge(tmp_path: Path) -> None:
-    from tests.helpers.openai_standin import OpenAIStandIn, Reply
-
     dialogues = tmp_path / "dialogues.jsonl"
     dialogues.write_text(
         "\n".join(
@@ -156,6 +155,43 @@ def test_score_command_with_openai_judge(tmp_path: Path) -> None:
     assert "safety                 mean 4.00 (n=3)" in first.stdout
     assert "3 dialogues: 0 scored, 3 reused" in second.stdout
     assert len(server.requests) == 3
+
+
+def test_score_export_skips_empty_exports(tmp_path: Path) -> None:
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    dialogue = {
+        "conversations": [
+            {"role": "user", "content": "I feel stuck"},
+            {"role": "assistant", "content": "What feels most stuck right now?"},
+        ],
+        "user": "u-1",
+    }
+    (exports / "export-20261130T030000000000Z.jsonl").write_text(
+        json.dumps(dialogue) + "\n", encoding="utf-8"
+    )
+    # A quiet week: the newest export has no dialogue.
+    (exports / "export-20261207T030000000000Z.jsonl").write_text("", encoding="utf-8")
+    scores = {
+        name: {"score": 4, "reason": "ok"}
+        for name in ("therapeutic_relevance", "user_engagement", "safety", "problem_resolution")
+    }
+    with OpenAIStandIn(model="judge", default=Reply(text=json.dumps(scores))) as server:
+        env = {
+            "MINDHARBOR_DATABASE__URL": f"sqlite+aiosqlite:///{tmp_path / 'score.db'}",
+            "MINDHARBOR_GENERATOR__BACKEND": "openai",
+            "MINDHARBOR_GENERATOR__OPENAI__BASE_URL": server.base_url,
+            "MINDHARBOR_GENERATOR__OPENAI__MODEL": "judge",
+        }
+        result = run_cli("score", "--export", str(exports), env=env)
+        (exports / "export-20261130T030000000000Z.jsonl").write_text("", encoding="utf-8")
+        empty = run_cli("score", "--export", str(exports), env=env)
+
+    assert result.returncode == 0, result.stderr
+    assert "Scoring export-20261130T030000000000Z.jsonl" in result.stdout
+    assert "1 dialogues: 1 scored" in result.stdout
+    assert empty.returncode == 2
+    assert "only empty exports" in empty.stderr
 
 
 @pytest.mark.skipif(not HOLDOUT.is_file(), reason=f"{HOLDOUT} is not present")
