@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -37,7 +37,7 @@ from core.pseudonym import Pseudonymizer
 from core.safety.screening import NO_RISK, RiskAssessment, RiskLevel
 from core.storage import repository
 from core.storage.conversation_lock import ConversationLocks
-from core.storage.models import Conversation, Role, as_utc, utcnow
+from core.storage.models import Conversation, Role, Tombstone, as_utc, utcnow
 from core.text import sanitize_user_text
 
 if TYPE_CHECKING:
@@ -286,10 +286,11 @@ class ConversationManager:
             user = await repository.find_user(
                 session, platform=message.platform, platform_user_id=message.user_id
             )
+            deleted_before = await self._deleted_before(session, message)
         locale = self._locale_of(user.locale if user else None, message.locale_hint)
         yes, no = i18n.text("privacy_yes", locale), i18n.text("privacy_no", locale)
         storage = user is not None and user.storage_consent_at is not None
-        training = user is not None and user.training_consent
+        training = user is not None and user.training_consent and not deleted_before
         text = i18n.text(
             "privacy_notice",
             locale,
@@ -331,6 +332,9 @@ class ConversationManager:
                 locale = self._locale_of(user.locale, message.locale_hint)
                 if granted and self._require_consent and user.storage_consent_at is None:
                     key = "optin_needs_storage"
+                elif granted and await self._deleted_before(session, message):
+                    # Exports and datasets leave out every pseudonym that asked for deletion.
+                    key = "optin_after_forget"
                 else:
                     user.training_consent = granted
                     user.training_consent_at = utcnow()
@@ -338,6 +342,14 @@ class ConversationManager:
         return Reply(kind=ReplyKind.NOTICE, text=i18n.text(key, locale), locale=locale)
 
     # Private API
+
+    async def _deleted_before(self, session: AsyncSession, message: IncomingMessage) -> bool:
+        """Return whether this user had their data deleted (/forget) before: a tombstone."""
+        if self._pseudonyms is None:
+            return False
+        pseudonym = self._pseudonyms.pseudonym(message.platform, message.user_id)
+        found = await session.scalar(select(Tombstone.id).where(Tombstone.pseudonym == pseudonym))
+        return found is not None
 
     @contextlib.asynccontextmanager
     async def _hold_user(self, message: IncomingMessage) -> AsyncIterator[None]:

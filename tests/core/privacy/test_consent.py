@@ -125,6 +125,22 @@ async def test_withdrawal_stops_storage_at_once(harness: Harness) -> None:
     assert "second" not in contents
 
 
+async def test_optin_after_forget_is_declined(harness: Harness) -> None:
+    await harness.manager.set_storage_consent(message("/agree"), True)
+    await harness.manager.handle(message("hello"))
+    await harness.manager.forget(message("/forget yes"))
+    await harness.manager.set_storage_consent(message("/agree"), True)
+
+    answer = await harness.manager.set_training_consent(message("/optin"), True)
+    notice = await harness.manager.privacy_notice(message("/privacy"))
+
+    assert "out of training for good" in answer.text
+    assert "Using it, anonymised, to train and evaluate the model: no" in notice.text
+    async with harness.sessions() as session:
+        user = (await session.execute(select(User))).scalar_one()
+    assert user.training_consent is False
+
+
 async def test_optin_needs_storage_consent_first(harness: Harness) -> None:
     refused = await harness.manager.set_training_consent(message("/optin"), True)
     await harness.manager.set_storage_consent(message("/agree"), True)
