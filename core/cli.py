@@ -11,9 +11,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+
 from core.config import CONFIG_DIR, Settings, load_secrets, load_settings
 from core.errors import ConfigError, PlatformUnavailable
 from core.logs import build_handler, secret_values
+from core.storage import db
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -302,6 +306,22 @@ def main(argv: list[str] | None = None) -> int:
     except PlatformUnavailable as exc:
         print(f"mindharbor: {exc}", file=sys.stderr)
         return 1
+    except sa_exc.DBAPIError as exc:
+        # A failed connection (missing database, server down, bad password) arrives as a plain
+        # DBAPIError from asyncpg. Subclasses such as IntegrityError mean a bug, so they re-raise.
+        connection_failure = (sa_exc.OperationalError, sa_exc.InterfaceError)
+        if type(exc) is not sa_exc.DBAPIError and not isinstance(exc, connection_failure):
+            raise
+        url = make_url(db.resolve_database_url(settings.database.url))
+        print(
+            f"mindharbor: cannot use the database {url.render_as_string(hide_password=True)}: "
+            f"{getattr(exc, 'orig', None) or exc}. Check database.url "
+            "(MINDHARBOR_DATABASE__URL) and that the server is running; "
+            "PostgreSQL databases are created with createdb.",
+            file=sys.stderr,
+        )
+        _LOGGER.debug("Database error", exc_info=exc)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 1
@@ -309,8 +329,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _database(args: argparse.Namespace, settings: Settings) -> int:
     from alembic import command
-
-    from core.storage import db
 
     if args.db_command == "upgrade":
         db.upgrade(settings.database.url, args.revision)
@@ -390,7 +408,6 @@ async def _purge(settings: Settings) -> int:
 
 async def _score(args: argparse.Namespace, settings: Settings) -> int:
     from core.generation import create_generator
-    from core.storage import db
     from training import rubric
 
     if args.repeat < 1:
@@ -411,7 +428,7 @@ async def _score(args: argparse.Namespace, settings: Settings) -> int:
             path = args.file
             if args.export is not None:
                 exports = sorted(args.export.glob("export-*.jsonl"))
-                # An export of a quiet week is empty; the newest one with dialogues is scored.
+                # An export of a quiet week is empty, so the newest one with dialogues is scored.
                 with_dialogues = [export for export in exports if export.stat().st_size > 0]
                 if not with_dialogues:
                     state = "only empty exports" if exports else "no export"
@@ -546,7 +563,6 @@ def _dataset_build(args: argparse.Namespace) -> int:
 
 
 async def _report(args: argparse.Namespace, settings: Settings) -> int:
-    from core.storage import db
     from training.report import build_report
 
     await db.upgrade_async(settings.database.url)
@@ -623,7 +639,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 async def _retrain(settings: Settings) -> int:
-    from core.storage import db
     from training.retrain import RetrainError, format_decision, retrain
 
     await db.upgrade_async(settings.database.url)
@@ -646,7 +661,6 @@ async def _retrain(settings: Settings) -> int:
 
 async def _adapters(args: argparse.Namespace, settings: Settings) -> int:
     from core import adapter_versions
-    from core.storage import db
 
     await db.upgrade_async(settings.database.url)
     engine = db.create_engine(settings.database)

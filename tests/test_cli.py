@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from core.config import PROJECT_ROOT
 from tests.helpers.openai_standin import OpenAIStandIn, Reply
@@ -255,3 +256,16 @@ def test_console_chat_ends_on_sigterm(tmp_path: Path, cli_env: dict[str, str]) -
     assert returncode == 0
     contents = [content for _, role, content in stored_turns(tmp_path / "cli.db") if role == "user"]
     assert contents == ["I feel tired"]
+
+
+@pytest.mark.postgres
+def test_missing_postgres_database_message(postgres_url: str) -> None:
+    missing = make_url(postgres_url).set(database="mindharbor_no_such_database")
+    env = {"MINDHARBOR_DATABASE__URL": missing.render_as_string(hide_password=False)}
+
+    result = run_cli("db", "current", env=env)
+
+    assert result.returncode == 1
+    assert 'database "mindharbor_no_such_database" does not exist' in result.stderr
+    assert "MINDHARBOR_DATABASE__URL" in result.stderr
+    assert "Traceback" not in result.stderr
