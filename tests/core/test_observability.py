@@ -302,9 +302,11 @@ async def test_run_command_serves_health_and_metrics(tmp_path: Path) -> None:
         "MINDHARBOR_GENERATOR__BACKEND": "openai",
         "MINDHARBOR_OBSERVABILITY__PORT": str(port),
     }
-    # Without platform credentials, `run` starts the console chat, which ends at end of input.
+    # Without platform credentials, `run` starts the console chat on its terminal (here a
+    # pseudo-terminal), which ends at end of input (Ctrl-D).
     env.pop("TELEGRAM_BOT_TOKEN", None)
     env.pop("DISCORD_BOT_TOKEN", None)
+    terminal, terminal_side = os.openpty()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -312,10 +314,11 @@ async def test_run_command_serves_health_and_metrics(tmp_path: Path) -> None:
         "run",
         cwd=PROJECT_ROOT,
         env=env,
-        stdin=asyncio.subprocess.PIPE,
+        stdin=terminal_side,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+    os.close(terminal_side)
     health = page = None
     try:
         async with httpx.AsyncClient(
@@ -332,7 +335,9 @@ async def test_run_command_serves_health_and_metrics(tmp_path: Path) -> None:
             if health is not None:
                 page = await client.get("/metrics", timeout=5)
     finally:
-        output, _ = await asyncio.wait_for(process.communicate(b""), timeout=60)
+        os.write(terminal, b"\x04")
+        output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+        os.close(terminal)
 
     assert process.returncode == 0, output.decode()[-3000:]
     assert health is not None, output.decode()[-3000:]

@@ -158,7 +158,9 @@ async def test_concurrent_requests_share_batches(generator: LocalGenerator) -> N
     results = await asyncio.gather(*(generator.generate(messages, GREEDY) for messages in requests))
 
     assert len(results) == 16
-    assert all(result.text for result in results)
+    # Random weights may write only bytes that decode to no character, so a reply's text can
+    # be empty; every request still generated tokens.
+    assert all(result.completion_tokens > 0 for result in results)
     assert generator.stats.batches - batches_before < 16
     assert max(int(result.details["batch_size"]) for result in results) > 1
     assert generator.stats.max_batch_size > 1
@@ -440,7 +442,9 @@ async def test_stop_finishes_queued_requests(tiny_model_dir: Path) -> None:
     await fresh.stop()
 
     results = await asyncio.gather(*tasks)
-    assert all(result.text for result in results)
+    # Random weights may write only bytes that decode to no character, so a reply's text can
+    # be empty; every request still generated tokens.
+    assert all(result.completion_tokens > 0 for result in results)
     assert fresh.stats.requests == 5
 
 
@@ -462,7 +466,9 @@ async def test_tokenizer_without_pad_token_pads_with_eos(tmp_path: Path) -> None
             no_pad.generate(user("Hi"), GREEDY), no_pad.generate(CONVERSATION, GREEDY)
         )
 
-    assert all(result.text for result in results)
+    # Random weights may write only bytes that decode to no character, so a reply's text can
+    # be empty; every request still generated tokens.
+    assert all(result.completion_tokens > 0 for result in results)
 
 
 def test_from_settings_resolves_paths(tiny_model_dir: Path) -> None:
