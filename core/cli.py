@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     commands.add_parser(
-        "run", help="start every adapter whose credentials are set (console chat when none is)"
+        "run",
+        help="start every adapter whose credentials are set (with none, the console chat on "
+        "a terminal)",
     )
     commands.add_parser(
         "export",
