@@ -699,6 +699,10 @@ class TelegramAdapter:
         if streamer is not None and reply.kind is ReplyKind.GENERATED:
             await streamer.finish(reply.text)
             reply.text = ""
+        elif streamer is not None and streamer.started and reply.should_send:
+            # Generation failed after part of the reply was shown: the apology replaces it.
+            await streamer.finish(reply.text)
+            reply.text = ""
         elif streamer is not None:
             await streamer.finish("")
         return reply
@@ -857,6 +861,11 @@ class _EditStreamer:
             self._shown = current[0]
         except TelegramError as exc:
             _LOGGER.debug("Streaming edit in chat %s failed: %s", self._chat_id, exc)
+
+    @property
+    def started(self) -> bool:
+        """Whether a message with part of the reply is already shown."""
+        return self._message is not None
 
     async def finish(self, final: str) -> None:
         """Make the messages show the stored reply, which clean-up may have trimmed."""

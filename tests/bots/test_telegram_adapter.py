@@ -554,6 +554,39 @@ async def test_streaming_edits_show_reply(harness: Harness) -> None:
     assert len(harness.server.sent_to(ALICE.id)) == 1
 
 
+async def test_timeout_replaces_streamed_part(tmp_path: Path) -> None:
+    generator = FakeGenerator()
+    generator.reply = " ".join(f"word{index}" for index in range(40))
+    generator.stream_delay_s = 0.1
+    settings = Settings(
+        database=DatabaseSettings(url=f"sqlite+aiosqlite:///{tmp_path / 'cut.db'}"),
+        generator={"timeout_s": 2.5},
+    )
+    async with TelegramStandin() as server:
+        async with Service(settings, Secrets(), generator=generator) as service:
+            harness = Harness(server, service, generator)
+            await harness.start_adapter(stream_edits=True, stream_edit_interval_s=1.0)
+            try:
+                server.enqueue_private_text("tell me a long story", user=ALICE)
+                await server.wait_for(
+                    lambda: any(
+                        message.text.startswith("I'm sorry") for message in server.sent_to(ALICE.id)
+                    ),
+                    timeout=15,
+                    description="the apology",
+                )
+            finally:
+                await harness.adapter.stop()
+            edits = [call for call in server.calls if call.method.lower() == "editmessagetext"]
+
+    # Part of the reply was shown, then the same message was edited into the apology.
+    assert edits
+    sent = server.sent_to(ALICE.id)
+    assert len(sent) == 1
+    assert sent[0].text.startswith("I'm sorry")
+    assert "word0" not in sent[0].text
+
+
 async def test_two_pollers_answer_each_message_once(harness: Harness) -> None:
     first = await harness.start_adapter()
     second = TelegramAdapter(
