@@ -233,6 +233,10 @@ class SafetySettings(_Section):
     excerpt_chars: int = Field(300, ge=0)
     # Where the pseudonym key is kept when MINDHARBOR_PSEUDONYM_KEY is unset (created once).
     pseudonym_key_file: str = "var/pseudonym.key"
+    # What a crisis-level message gets before the crisis resources: the model's reply
+    # (generated), a fixed message written for it (fixed), or auto: fixed while the embedded
+    # smoke-test model serves, whose replies can be nonsense, and generated otherwise.
+    crisis_reply: Literal["auto", "generated", "fixed"] = "auto"
     classifier: RiskClassifierSettings = RiskClassifierSettings()
     break_reminder: BreakReminderSettings = BreakReminderSettings()
 

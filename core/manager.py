@@ -113,6 +113,7 @@ class ConversationManager:
         retention_days: int | None = None,
         metrics: Metrics | None = None,
         conversation_locks: ConversationLocks | None = None,
+        fixed_crisis_reply: bool = False,
     ) -> None:
         self._sessions = session_factory
         self._generator = generator
@@ -133,6 +134,8 @@ class ConversationManager:
         # Keeps a user's turns in order across bot processes on PostgreSQL.
         self._conversation_locks = conversation_locks or ConversationLocks(None)
         self._metrics = metrics or METRICS
+        # A crisis-level message gets a fixed message and the resources, without the model.
+        self._fixed_crisis_reply = fixed_crisis_reply
 
     @property
     def safety(self) -> SafetyGuard | None:
@@ -344,7 +347,7 @@ class ConversationManager:
     # Private API
 
     async def _deleted_before(self, session: AsyncSession, message: IncomingMessage) -> bool:
-        """Return whether this user had their data deleted (/forget) before: a tombstone."""
+        """Return whether a tombstone shows that this user deleted their data (/forget) before."""
         if self._pseudonyms is None:
             return False
         pseudonym = self._pseudonyms.pseudonym(message.platform, message.user_id)
@@ -436,6 +439,13 @@ class ConversationManager:
             await self._safety.desk.relay_user_message(case_id, text)
             reply.kind = ReplyKind.RELAYED
             return reply
+
+        if (
+            self._fixed_crisis_reply
+            and assessment.level is RiskLevel.CRISIS
+            and self._safety is not None
+        ):
+            return await self._fixed_crisis(reply, stored, message, assessment, started)
 
         # Step 5: the prompt, with a note for the model when the user may be at risk.
         note = None
@@ -609,6 +619,38 @@ class ConversationManager:
         if len(rows) >= 2:
             stored.previous_turn_at = as_utc(rows[-2].created_at)
         return stored
+
+    async def _fixed_crisis(
+        self,
+        reply: Reply,
+        stored: _StoredTurn,
+        message: IncomingMessage,
+        assessment: RiskAssessment,
+        started: float,
+    ) -> Reply:
+        """Reply to a crisis with the fixed crisis message and the resources, stored as a turn."""
+        assert self._safety is not None
+        resources = self._safety.crisis_resources(stored.locale, message.locale_hint)
+        text = f"{i18n.text('crisis_fallback', stored.locale)}\n\n{resources}"
+        meta = {"crisis_reply": "fixed", "risk": assessment.summary()}
+        async with self._sessions.begin() as session:
+            reply.assistant_turn_id = await repository.insert_turn(
+                session,
+                conversation_id=stored.conversation_id,
+                user_id=stored.user_id,
+                platform_chat_id=message.chat_id,
+                role=Role.ASSISTANT,
+                content=text,
+                meta=meta,
+            )
+        reply.kind = ReplyKind.NOTICE
+        reply.text = text
+        reply.details = meta
+        reply.latency_s = time.perf_counter() - started
+        _LOGGER.info(
+            "Answered a crisis in conversation %s with the fixed message", stored.conversation_id
+        )
+        return reply
 
     def _apology(self, reply: Reply, started: float, message: IncomingMessage) -> Reply:
         reply.kind = ReplyKind.APOLOGY

@@ -168,6 +168,7 @@ class Service:
             require_consent=settings.privacy.require_consent,
             retention_days=settings.privacy.retention_days,
             metrics=self.metrics,
+            fixed_crisis_reply=self._fixed_crisis_reply(settings.safety.crisis_reply),
             conversation_locks=self._conversation_locks,
         )
         # Posts crisis cases that stay unacknowledged to the moderators again.
@@ -182,6 +183,11 @@ class Service:
             self._generator.name,
             self._engine.url.render_as_string(hide_password=True),
         )
+
+    def _fixed_crisis_reply(self, choice: str) -> bool:
+        if choice != "auto":
+            return choice == "fixed"
+        return bool(getattr(self._generator, "serves_embedded_model", False))
 
     async def _switch_adapter(self, path: Path, version: str) -> None:
         await self.generator.switch_adapter(path, label=version)  # type: ignore[attr-defined]

@@ -208,6 +208,11 @@ class LocalGenerator(Generator):
         return self._state is GeneratorState.RUNNING
 
     @property
+    def serves_embedded_model(self) -> bool:
+        """Whether this generator runs the embedded smoke-test model."""
+        return self._model_source == EMBEDDED
+
+    @property
     def model_name(self) -> str:
         if self._model_source == EMBEDDED:
             base = embedded.MODEL_DIR_NAME

@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy import select, update
 
-from core.config import BreakReminderSettings, DatabaseSettings
+from core.config import BreakReminderSettings, DatabaseSettings, Secrets, Settings
+from core.generation.local import LocalGenerator
 from core.manager import IncomingMessage, ReplyKind
 from core.safety.desk import Actor
 from core.safety.screening import RiskLevel
+from core.service import Service
 from core.storage import db
 from core.storage.models import CaseAction, CaseStatus, Conversation, SafetyCase, Turn, User
 from tests.helpers.fakes import FakeGenerator, manager_on
@@ -34,7 +36,9 @@ class Clock:
 
 
 class Harness:
-    def __init__(self, url: str, **safety_overrides: object) -> None:
+    def __init__(
+        self, url: str, fixed_crisis_reply: bool = False, **safety_overrides: object
+    ) -> None:
         self.engine = db.create_engine(DatabaseSettings(url=url, pool_size=10))
         self.sessions = db.create_session_factory(self.engine)
         self.generator = FakeGenerator(context_length=800)
@@ -48,6 +52,7 @@ class Harness:
             system_prompts=SYSTEM,
             safety=self.guard,
             break_reminder=BreakReminderSettings(),
+            fixed_crisis_reply=fixed_crisis_reply,
         )
         self.desk = self.guard.desk
 
@@ -112,6 +117,28 @@ async def test_crisis_reply_carries_resources_and_opens_one_case(harness: Harnes
     stored = await harness.turns()
     assert stored[-1].content == reply.text
     assert stored[-1].meta["risk"]["level"] == "crisis"
+
+
+async def test_fixed_crisis_reply_skips_model(database_url: str) -> None:
+    harness = Harness(database_url, fixed_crisis_reply=True)
+    try:
+        ordinary = await harness.manager.handle(message("I had a long day"))
+        reply = await harness.manager.handle(message(CRISIS_EN))
+        stored = await harness.turns()
+        cases = await harness.cases()
+    finally:
+        await harness.engine.dispose()
+
+    assert ordinary.kind is ReplyKind.GENERATED
+    assert reply.risk_level is RiskLevel.CRISIS
+    assert reply.text.startswith("Thank you for telling me.")
+    assert "988" in reply.text
+    # The model answered the ordinary message only.
+    assert len(harness.generator.calls) == 1
+    assert [turn.role.value for turn in stored] == ["user", "assistant", "user", "assistant"]
+    assert stored[-1].content == reply.text
+    assert stored[-1].meta["crisis_reply"] == "fixed"
+    assert len(cases) == 1
 
 
 async def test_chinese_crisis_gets_mainland_resources(harness: Harness) -> None:
@@ -391,3 +418,21 @@ async def test_safe_stream_is_continued_by_reply(harness: Harness) -> None:
     assert streamed
     assert reply.text.startswith(streamed)
     assert "findahelpline.com" in reply.text
+
+
+@pytest.mark.parametrize(
+    ("choice", "embedded", "fixed"),
+    [
+        ("auto", True, True),
+        ("auto", False, False),
+        ("generated", True, False),
+        ("fixed", False, True),
+    ],
+)
+def test_crisis_reply_choice(choice: str, embedded: bool, fixed: bool) -> None:
+    generator = LocalGenerator(model="embedded") if embedded else FakeGenerator()
+    settings = Settings(safety={"crisis_reply": choice})
+
+    service = Service(settings, Secrets(), generator=generator)
+
+    assert service._fixed_crisis_reply(settings.safety.crisis_reply) is fixed
