@@ -524,14 +524,8 @@ class ConversationManager:
             **{key: value for key, value in result.details.items() if _is_plain(value)},
         }
         async with self._sessions.begin() as session:
-            reply.assistant_turn_id = await repository.insert_turn(
-                session,
-                conversation_id=stored.conversation_id,
-                user_id=stored.user_id,
-                platform_chat_id=message.chat_id,
-                role=Role.ASSISTANT,
-                content=text_out,
-                meta=meta,
+            reply.assistant_turn_id = await self._insert_reply(
+                session, stored, message, text_out, meta
             )
             await self._update_stretch(session, stored, now, reminder)
 
@@ -634,15 +628,7 @@ class ConversationManager:
         text = f"{i18n.text('crisis_fallback', stored.locale)}\n\n{resources}"
         meta = {"crisis_reply": "fixed", "risk": assessment.summary()}
         async with self._sessions.begin() as session:
-            reply.assistant_turn_id = await repository.insert_turn(
-                session,
-                conversation_id=stored.conversation_id,
-                user_id=stored.user_id,
-                platform_chat_id=message.chat_id,
-                role=Role.ASSISTANT,
-                content=text,
-                meta=meta,
-            )
+            reply.assistant_turn_id = await self._insert_reply(session, stored, message, text, meta)
         reply.kind = ReplyKind.NOTICE
         reply.text = text
         reply.details = meta
@@ -651,6 +637,25 @@ class ConversationManager:
             "Answered a crisis in conversation %s with the fixed message", stored.conversation_id
         )
         return reply
+
+    async def _insert_reply(
+        self,
+        session: AsyncSession,
+        stored: _StoredTurn,
+        message: IncomingMessage,
+        text: str,
+        meta: dict[str, Any],
+    ) -> int:
+        """Store the reply the user reads as an assistant turn and return its id."""
+        return await repository.insert_turn(
+            session,
+            conversation_id=stored.conversation_id,
+            user_id=stored.user_id,
+            platform_chat_id=message.chat_id,
+            role=Role.ASSISTANT,
+            content=text,
+            meta=meta,
+        )
 
     def _apology(self, reply: Reply, started: float, message: IncomingMessage) -> Reply:
         reply.kind = ReplyKind.APOLOGY

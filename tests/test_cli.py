@@ -120,6 +120,25 @@ def test_missing_replay_file(cli_env: dict[str, str], tmp_path: Path) -> None:
     assert "not found" in result.stderr
 
 
+# The judge's answer: 4 on every criterion.
+JUDGE_SCORES = json.dumps(
+    {
+        name: {"score": 4, "reason": "ok"}
+        for name in ("therapeutic_relevance", "user_engagement", "safety", "problem_resolution")
+    }
+)
+
+
+def judge_env(server: OpenAIStandIn, database: Path) -> dict[str, str]:
+    """Return the environment that makes a stand-in server the judge, with its own database."""
+    return {
+        "MINDHARBOR_DATABASE__URL": f"sqlite+aiosqlite:///{database}",
+        "MINDHARBOR_GENERATOR__BACKEND": "openai",
+        "MINDHARBOR_GENERATOR__OPENAI__BASE_URL": server.base_url,
+        "MINDHARBOR_GENERATOR__OPENAI__MODEL": "judge",
+    }
+
+
 def test_score_command_with_openai_judge(tmp_path: Path) -> None:
     dialogues = tmp_path / "dialogues.jsonl"
     dialogues.write_text(
@@ -137,17 +156,8 @@ def test_score_command_with_openai_judge(tmp_path: Path) -> None:
         + "\n",
         encoding="utf-8",
     )
-    scores = {
-        name: {"score": 4, "reason": "ok"}
-        for name in ("therapeutic_relevance", "user_engagement", "safety", "problem_resolution")
-    }
-    with OpenAIStandIn(model="judge", default=Reply(text=json.dumps(scores))) as server:
-        env = {
-            "MINDHARBOR_DATABASE__URL": f"sqlite+aiosqlite:///{tmp_path / 'score.db'}",
-            "MINDHARBOR_GENERATOR__BACKEND": "openai",
-            "MINDHARBOR_GENERATOR__OPENAI__BASE_URL": server.base_url,
-            "MINDHARBOR_GENERATOR__OPENAI__MODEL": "judge",
-        }
+    with OpenAIStandIn(model="judge", default=Reply(text=JUDGE_SCORES)) as server:
+        env = judge_env(server, tmp_path / "score.db")
         first = run_cli("score", "--file", str(dialogues), env=env)
         second = run_cli("score", "--file", str(dialogues), env=env)
 
@@ -173,17 +183,8 @@ def test_score_export_skips_empty_exports(tmp_path: Path) -> None:
     )
     # A quiet week: the newest export has no dialogue.
     (exports / "export-20261207T030000000000Z.jsonl").write_text("", encoding="utf-8")
-    scores = {
-        name: {"score": 4, "reason": "ok"}
-        for name in ("therapeutic_relevance", "user_engagement", "safety", "problem_resolution")
-    }
-    with OpenAIStandIn(model="judge", default=Reply(text=json.dumps(scores))) as server:
-        env = {
-            "MINDHARBOR_DATABASE__URL": f"sqlite+aiosqlite:///{tmp_path / 'score.db'}",
-            "MINDHARBOR_GENERATOR__BACKEND": "openai",
-            "MINDHARBOR_GENERATOR__OPENAI__BASE_URL": server.base_url,
-            "MINDHARBOR_GENERATOR__OPENAI__MODEL": "judge",
-        }
+    with OpenAIStandIn(model="judge", default=Reply(text=JUDGE_SCORES)) as server:
+        env = judge_env(server, tmp_path / "score.db")
         result = run_cli("score", "--export", str(exports), env=env)
         (exports / "export-20261130T030000000000Z.jsonl").write_text("", encoding="utf-8")
         empty = run_cli("score", "--export", str(exports), env=env)
