@@ -219,10 +219,9 @@ class ConversationManager:
             # moderators, and the user gets the crisis resources without a new model reply.
             assessment, case_id = await self._screen(message, stored, text)
             if assessment.level is RiskLevel.CRISIS and self._safety is not None:
-                resources = self._safety.crisis_resources(stored.locale, message.locale_hint)
                 return Reply(
                     kind=ReplyKind.NOTICE,
-                    text=f"{i18n.text('crisis_fallback', stored.locale)}\n\n{resources}",
+                    text=self._crisis_message(stored.locale, message.locale_hint),
                     locale=stored.locale,
                     conversation_id=stored.conversation_id,
                     user_turn_id=stored.turn_id,
@@ -422,15 +421,9 @@ class ConversationManager:
         if stored.legal_basis is not None and self._safety is not None:
             # Stored without consent because of the crisis. The resources and a fixed
             # message go out at once, and the turn is never sent to the model.
-            resources = self._safety.crisis_resources(stored.locale, message.locale_hint)
             reply.kind = ReplyKind.NOTICE
-            reply.text = "\n\n".join(
-                [
-                    i18n.text("crisis_fallback", stored.locale),
-                    resources,
-                    i18n.text("consent_after_crisis", stored.locale),
-                ]
-            )
+            crisis = self._crisis_message(stored.locale, message.locale_hint)
+            reply.text = f"{crisis}\n\n{i18n.text('consent_after_crisis', stored.locale)}"
             return reply
 
         # Step 4: during a hand-off, moderators reply instead of the model.
@@ -623,9 +616,7 @@ class ConversationManager:
         started: float,
     ) -> Reply:
         """Reply to a crisis with the fixed crisis message and the resources, stored as a turn."""
-        assert self._safety is not None
-        resources = self._safety.crisis_resources(stored.locale, message.locale_hint)
-        text = f"{i18n.text('crisis_fallback', stored.locale)}\n\n{resources}"
+        text = self._crisis_message(stored.locale, message.locale_hint)
         meta = {"crisis_reply": "fixed", "risk": assessment.summary()}
         async with self._sessions.begin() as session:
             reply.assistant_turn_id = await self._insert_reply(session, stored, message, text, meta)
@@ -657,13 +648,18 @@ class ConversationManager:
             meta=meta,
         )
 
+    def _crisis_message(self, locale: str, locale_hint: str | None) -> str:
+        """Return the fixed crisis message followed by the crisis resources for the user."""
+        assert self._safety is not None
+        resources = self._safety.crisis_resources(locale, locale_hint)
+        return f"{i18n.text('crisis_fallback', locale)}\n\n{resources}"
+
     def _apology(self, reply: Reply, started: float, message: IncomingMessage) -> Reply:
         reply.kind = ReplyKind.APOLOGY
         reply.latency_s = time.perf_counter() - started
         if reply.risk_level is RiskLevel.CRISIS and self._safety is not None:
             # A failed generation never leaves a user in crisis without the resources.
-            resources = self._safety.crisis_resources(reply.locale, message.locale_hint)
-            reply.text = f"{i18n.text('crisis_fallback', reply.locale)}\n\n{resources}"
+            reply.text = self._crisis_message(reply.locale, message.locale_hint)
         else:
             reply.text = i18n.text("apology", reply.locale)
         return reply
