@@ -1,4 +1,4 @@
-"""What every platform adapter shares for its lifecycle: its state, and the handlers in flight.
+"""Lifecycle parts shared by every platform adapter: its state, and the handlers in flight.
 
 The runner (``bots.runner``) drives the adapters through start, stop_intake, drain
 and stop. The adapters track their handlers with ``InFlight``, so that a shutdown

@@ -311,7 +311,7 @@ class TelegramAdapter:
         """Handle every update received so far, for up to ``timeout_s``; return how many were cut.
 
         At the limit, the handlers still running are cancelled, and the updates
-        not yet started are dropped. A cancelled handler tells its user that the
+        not yet started are dropped. A cancelled handler sends its user a notice that the
         message is saved, and the users of dropped updates get nothing.
         """
         application = self._application

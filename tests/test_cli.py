@@ -120,7 +120,7 @@ def test_missing_replay_file(cli_env: dict[str, str], tmp_path: Path) -> None:
     assert "not found" in result.stderr
 
 
-# The judge's answer: 4 on every criterion.
+# The judge's output: 4 on every criterion.
 JUDGE_SCORES = json.dumps(
     {
         name: {"score": 4, "reason": "ok"}

@@ -245,7 +245,7 @@ def _compose_command() -> list[str]:
 
     CI installs Debian's docker-compose 1.29 where the plugin is missing. It reads the
     same file format with profiles and ${VAR:?} checks, though its schema is older
-    than the plugin's, so a key that only Compose v2 knows would fail here first.
+    than the plugin's, so a key that only Compose v2 supports would fail here first.
     """
     docker = shutil.which("docker")
     if docker is not None:

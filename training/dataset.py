@@ -143,7 +143,7 @@ def read_examples(
 def drop_prefixes(examples: list[Example], report: BuildReport) -> list[Example]:
     """Leave out every dialogue whose turns begin another, longer dialogue.
 
-    An export holds each conversation with new turns whole, so a conversation that
+    An export contains each conversation with new turns whole, so a conversation that
     goes on across exports comes back longer each time. Only the longest copy is
     kept, which also keeps a shorter copy out of the test split while the longer
     one trains.
@@ -154,10 +154,10 @@ def drop_prefixes(examples: list[Example], report: BuildReport) -> list[Example]
         signatures = _prefix_signatures(example.conversations)
         prefixes.update(signatures[:-1])
         full.append(signatures[-1])
-    kept = [example for example, key in zip(examples, full, strict=True) if key not in prefixes]
-    if len(kept) < len(examples):
-        report.dropped["beginning of a longer dialogue"] += len(examples) - len(kept)
-    return kept
+    longest = [example for example, key in zip(examples, full, strict=True) if key not in prefixes]
+    if len(longest) < len(examples):
+        report.dropped["beginning of a longer dialogue"] += len(examples) - len(longest)
+    return longest
 
 
 def _prefix_signatures(turns: list[dict[str, str]]) -> list[bytes]:

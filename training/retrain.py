@@ -54,7 +54,7 @@ class Decision:
     current_version: str | None = None
     # Scored dialogues and judge errors per side.
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
-    # The base model each side answered with: the current adapter keeps the base it was trained on.
+    # The base model each side generated with. The current adapter keeps the base it was trained on.
     base_models: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -206,7 +206,7 @@ async def retrain(
     )
 
     current = await adapter_versions.promoted(sessions)
-    # Each side is (base model, adapter or None, label). The current adapter answers on the
+    # Each side is (base model, adapter or None, label). The current adapter generates on the
     # base it was trained on, which differs from the recipe's after a change of base model.
     sides = {
         "candidate": (recipe.model, adapter_dir, version),

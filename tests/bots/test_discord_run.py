@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
 
 from core.config import PROJECT_ROOT
+from tests.bots.test_telegram_run import start_run
 from tests.helpers.discord_standin import GENERAL_CHANNEL_ID, DiscordStandin, DiscordUser
 from tests.helpers.tiny_model import build_tiny_chat_model
 
@@ -50,8 +49,6 @@ async def test_run_answers_real_dialogues(tmp_path: Path, tiny_model: Path) -> N
         for user in users:
             server.add_user(user)
         env = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
             "DISCORD_BOT_TOKEN": server.token,
             "MINDHARBOR_DISCORD__API_BASE_URL": server.api_base,
             "MINDHARBOR_DISCORD__GATEWAY_URL": server.gateway_url,
@@ -63,16 +60,7 @@ async def test_run_answers_real_dialogues(tmp_path: Path, tiny_model: Path) -> N
             "MINDHARBOR_GENERATOR__SAMPLING__TEMPERATURE": "0",
             "MINDHARBOR_PROMPT__CONTEXT_LENGTH": "512",
         }
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "core.cli",
-            "run",
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
+        process = await start_run(env)
         try:
             await server.wait_until_connected(timeout=120)
             await server.wait_for(

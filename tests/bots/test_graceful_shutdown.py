@@ -11,6 +11,7 @@ import asyncio
 import signal
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.bots.test_telegram_run import start_run
@@ -80,6 +81,21 @@ def bot_env(
     }
 
 
+async def send_when_started(
+    server: TelegramStandin,
+    model_server: OpenAIStandIn,
+    users: list[TgUser],
+    text_of: Callable[[TgUser], str],
+) -> None:
+    """Wait for the bot to start, send one message per user, and wait until each is generating."""
+    await server.wait_for(
+        lambda: server.commands_for(""), timeout=120, description="the bot to start"
+    )
+    for user in users:
+        server.enqueue_private_text(text_of(user), user=user)
+    await wait_for_requests(model_server, len(users), timeout=60)
+
+
 async def wait_for_requests(model_server: OpenAIStandIn, count: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while len(model_server.requests) < count:
@@ -114,12 +130,7 @@ async def test_sigterm_during_twenty_replies_loses_none(tmp_path: Path) -> None:
         async with TelegramStandin() as server:
             bot = await BotProcess.start(bot_env(server, model_server, database))
             try:
-                await server.wait_for(
-                    lambda: server.commands_for(""), timeout=120, description="the bot to start"
-                )
-                for user in users:
-                    server.enqueue_private_text(texts[user.id], user=user)
-                await wait_for_requests(model_server, len(users), timeout=60)
+                await send_when_started(server, model_server, users, lambda user: texts[user.id])
 
                 bot.process.send_signal(signal.SIGTERM)
                 await bot.wait_for_line(INTAKE_STOPPED, timeout=30)
@@ -161,12 +172,9 @@ async def test_grace_limit_cancels_replies(tmp_path: Path) -> None:
         async with TelegramStandin() as server:
             bot = await BotProcess.start(bot_env(server, model_server, database, grace_s=1))
             try:
-                await server.wait_for(
-                    lambda: server.commands_for(""), timeout=120, description="the bot to start"
+                await send_when_started(
+                    server, model_server, users, lambda user: f"Cut message from {user.id}"
                 )
-                for user in users:
-                    server.enqueue_private_text(f"Cut message from {user.id}", user=user)
-                await wait_for_requests(model_server, len(users), timeout=60)
 
                 bot.process.send_signal(signal.SIGTERM)
                 returncode = await bot.wait(timeout=30)
@@ -197,12 +205,9 @@ async def test_second_sigterm_exits_at_once(tmp_path: Path) -> None:
         async with TelegramStandin() as server:
             bot = await BotProcess.start(bot_env(server, model_server, database))
             try:
-                await server.wait_for(
-                    lambda: server.commands_for(""), timeout=120, description="the bot to start"
+                await send_when_started(
+                    server, model_server, users, lambda user: f"Waiting message from {user.id}"
                 )
-                for user in users:
-                    server.enqueue_private_text(f"Waiting message from {user.id}", user=user)
-                await wait_for_requests(model_server, len(users), timeout=60)
 
                 bot.process.send_signal(signal.SIGTERM)
                 await bot.wait_for_line(INTAKE_STOPPED, timeout=30)

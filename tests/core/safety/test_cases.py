@@ -133,7 +133,7 @@ async def test_fixed_crisis_reply_skips_model(database_url: str) -> None:
     assert reply.risk_level is RiskLevel.CRISIS
     assert reply.text.startswith("Thank you for telling me.")
     assert "988" in reply.text
-    # The model answered the ordinary message only.
+    # The model generated a reply to the ordinary message only.
     assert len(harness.generator.calls) == 1
     assert [turn.role.value for turn in stored] == ["user", "assistant", "user", "assistant"]
     assert stored[-1].content == reply.text
